@@ -14,10 +14,16 @@ CHECKOV_VERSION="${CHECKOV_VERSION:-3.3.30}"
 VENV="${CHECKOV_VENV:-.venv-checkov}"
 PYTHON="${PYTHON:-python3}"
 
-if [ ! -x "$VENV/bin/checkov" ] || ! "$VENV/bin/checkov" --version 2>/dev/null | grep -qx "$CHECKOV_VERSION"; then
+installed_version() {
+  "$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("checkov"))' 2>/dev/null || true
+}
+if [ ! -x "$VENV/bin/checkov" ] || [ "$(installed_version)" != "$CHECKOV_VERSION" ]; then
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check "checkov==$CHECKOV_VERSION"
 fi
+
+# No network during the scan: no PyPI update check, no Prisma Cloud guideline/mapping downloads.
+export CKV_SKIP_PACKAGE_UPDATE_CHECK=true BC_SKIP_MAPPING=TRUE
 
 exec "$VENV/bin/checkov" -d infra -d cluster \
   --framework kubernetes terraform dockerfile secrets \
