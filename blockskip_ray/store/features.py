@@ -413,7 +413,8 @@ class FeatureReader:
 # --------------------------------------------------------------- helpers
 def is_committed(store: Store, subject_id: str) -> bool:
     """True when the subject has a committed (readable) feature set."""
-    return store.exists(f"{features_prefix(subject_id)}/{COMMIT_FILE}")
+    key = f"{features_prefix(subject_id)}/{COMMIT_FILE}"  # validates before touching the store
+    return store.exists(key)
 
 
 def delete_features(store: Store, subject_id: str) -> None:

@@ -283,7 +283,9 @@ class Store:
         return "/".join(segs)
 
     def _check_key(self, key: str, *, allow_empty: bool = False) -> str:
-        key = key.strip("/") if isinstance(key, str) else key
+        # Trailing '/' is tolerated on prefixes ("subjects/"); a leading one is
+        # an absolute path and is refused by join().
+        key = key.rstrip("/") if isinstance(key, str) and key not in ("/",) else key
         if allow_empty and key == "":
             return ""
         return self.join(key)
