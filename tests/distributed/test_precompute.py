@@ -128,3 +128,32 @@ def test_crash_mid_subject_then_rerun_is_byte_identical(world, reference, tmp_pa
     after = snapshot(store)
     assert after["subjects/toy-a/features/_COMMITTED"] == files["subjects/toy-a/features/_COMMITTED"]
     assert {k: v[0] for k, v in after.items()} == {k: v[0] for k, v in ref.items()}
+
+
+def _cli(argv: list[str]) -> int:
+    import argparse
+
+    from blockskip_ray.commands import precompute as cmd
+
+    parser = argparse.ArgumentParser()
+    cmd.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_skips_committed_subjects_and_reports_bad_rows(world, reference, capsys):
+    root, _, cfg = world
+    store, before = reference
+    rc = _cli(["precompute", "--model", cfg.model, "--store", str(store.local_path), "--catalog",
+               str(root / "catalog.jsonl"), "--skip", "2,2", "--steps", str(STEPS), "--resolution", "32",
+               "--s-max", "64", "--max-text-tokens", "16", "--feature-dtype", "fp32", "--concurrency", "2"])
+    out, err = capsys.readouterr()
+    assert rc == 1  # the catalog's bad row is a failed subject
+    res = json.loads(out)
+    assert res["toy-a"]["state"] == res["toy-b"]["state"] == "skipped"
+    assert res["../evil"]["state"] == "failed" and "invalid subject id" in res["../evil"]["error"]
+    assert "catalog row 3" in err
+    assert snapshot(store) == before
+    with pytest.raises(ValueError, match="leaves no block to train"):
+        _cli(["precompute", "--model", cfg.model, "--store", str(store.local_path), "--catalog",
+              str(root / "catalog.jsonl"), "--skip", "5,4"])
