@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .store import ADAPTER_FILE, Store, adapter_prefix, fetch_adapter
-from .store.ids import ID_PATTERN, is_valid_id
+from .store.ids import ID_PATTERN, is_valid_id, validate_id
 
 MAX_SEED = 2**63 - 1
 
@@ -210,3 +210,31 @@ class AdapterHost:
                 if transient:
                     self.unload(job.adapter)
         return encode_png(image)
+
+
+def build_tiny_adapter_store(root: str | Path, subject_ids: list[str], steps: int = 6, lr: float = 1e-2,
+                             family: str = "flux") -> tuple[Path, Path]:
+    """Tiny model + one quickly trained adapter per subject in a local store at `root/store`, for tests,
+    benchmarks and the demo. Each subject gets its own synthetic images and seed, and a high learning rate,
+    so the adapters differ clearly. Returns (model_dir, store_dir)."""
+    from .method.images import make_synthetic_subject
+    from .method.personalize import TrainSpec, personalize
+    from .method.trainer import OptimConfig
+    from .models.tiny import init_model
+    from .store import put_adapter
+
+    root = Path(root)
+    model = root / "model"
+    if not (model / "model_index.json").is_file():
+        init_model(family, model)
+    store = Store.open(str(root / "store"))
+    for i, sid in enumerate(subject_ids):
+        validate_id(sid)
+        images = root / "images" / sid
+        make_synthetic_subject(images, n=3, size=64, seed=100 + i)
+        out = root / "train" / sid
+        personalize(TrainSpec(model=str(model), images=str(images), prompt="a photo of sks toy", out=str(out),
+                              subject_id=sid, steps=steps, resolution=64, max_text_tokens=32, num_samples=0,
+                              seed=i, device="cpu", optim=OptimConfig(lr=lr)), log=lambda _msg: None)
+        put_adapter(store, sid, out / "adapter")
+    return model, root / "store"
