@@ -11,6 +11,7 @@ COMMANDS = [
     "train",
     "demo",
     "precompute",
+    "serve",
 ]
 
 

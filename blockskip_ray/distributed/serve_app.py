@@ -1,0 +1,212 @@
+"""Ray Serve application: every trained adapter behind one HTTP endpoint (design section 5).
+
+Two deployments. `Ingress` (FastAPI, no CPU reserved) authenticates, validates and bounds requests, then
+calls `Generator` through a handle with `multiplexed_model_id=<adapter>`, so Serve routes a request to a
+replica that already holds that adapter. `Generator` loads the base pipeline once per replica and keeps up to
+`cache_size` LoRA adapters loaded (`serve.multiplexed`, LRU); eviction deletes the adapter from the pipeline.
+Overload: the handle's `max_queued_requests` raises BackPressureError, answered as 503 JSON.
+
+Entry points: `build_app(args)` (for `serve run blockskip_ray.distributed.serve_app:build_app model=M store=S`
+and KubeRay RayService), `blockskip serve` (see `serve_run.py`).
+"""
+
+import asyncio
+import os
+import secrets
+import tempfile
+from dataclasses import asdict, fields
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..models.loading import load_pipeline
+from ..serving import AdapterHost, ImageRequest, Job, ServeLimits, check_bearer, pick_device_dtype, resolve, token_digest
+from ..store import ADAPTER_FILE, Store, adapter_prefix, list_adapters
+
+TOKEN_ENV = "BLOCKSKIP_API_TOKEN"
+
+
+class _Lease:
+    """What the multiplex cache holds per adapter; Serve calls `__del__` on LRU eviction."""
+
+    def __init__(self, host: AdapterHost, adapter_id: str):
+        self.host, self.adapter_id, self.released = host, adapter_id, False
+
+    def __del__(self) -> None:
+        # Called once by Serve on eviction (in a worker thread) and again by the GC: only the first counts.
+        if not self.released:
+            self.released = True
+            self.host.unload(self.adapter_id)
+
+
+@serve.deployment(name="Generator")
+class Generator:
+    def __init__(self, model: str, store: str, device: str = "auto", cache_size: int = 3):
+        dev, dtype = pick_device_dtype(device)
+        pipe = load_pipeline(model, dev, dtype)  # once per replica
+        self.host = AdapterHost(pipe, Store.open(store), tempfile.mkdtemp(prefix="blockskip-serve-"))
+        self.cache_size = cache_size
+
+        async def load_adapter(adapter_id: str) -> _Lease:
+            await asyncio.to_thread(self.host.load, adapter_id)
+            return _Lease(self.host, adapter_id)
+
+        # Decorated here, not on the class, so the cache size is a deployment argument.
+        self._adapter = serve.multiplexed(max_num_models_per_replica=cache_size)(load_adapter)
+
+    async def generate(self, job: dict) -> dict[str, Any]:
+        j = Job(**job)
+        hit = j.adapter in self.host.loaded
+        try:
+            await self._adapter(j.adapter)
+        except KeyError as e:  # removed from the store after the ingress checked
+            return {"status": 404, "reason": str(e).strip("'\"")}
+        png = await asyncio.to_thread(self.host.generate_png, j)
+        return {"png": png, "cache": "hit" if hit else "miss"}
+
+    def stats(self) -> dict[str, Any]:
+        return {"cache_size": self.cache_size, "loaded": sorted(self.host.loaded),
+                "pipeline_adapters": self.host.pipeline_adapters()}
+
+
+class ErrorBody(BaseModel):
+    error: str
+    reason: str
+
+
+api = FastAPI(title="blockskip-ray image service", version="1",
+              description="Generate images with per-subject LoRA adapters trained by blockskip-ray.")
+_bearer = HTTPBearer(auto_error=False)
+_ERRORS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+           422: "invalid_request", 500: "internal", 503: "overloaded"}
+_ERROR_DOCS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorBody} for c in (400, 401, 404, 422, 503)}
+
+
+def _error(status: int, reason: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": _ERRORS.get(status, "error"), "reason": reason}, status_code=status, headers=headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errs = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errs):
+        return _error(400, "malformed JSON body")
+    parts = [f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}" for e in errs]
+    return _error(422, "; ".join(parts))
+
+
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    return _error(500, f"internal error ({type(exc).__name__})")  # no details: they may name paths or keys
+
+
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, generator: DeploymentHandle, store: str, limits: dict[str, Any], digest: str | None):
+        self.gen = generator
+        self.store = Store.open(store)
+        self.limits = ServeLimits(**limits)
+        env = os.environ.get(TOKEN_ENV)
+        self.digest = digest or (token_digest(env) if env else None)
+
+    def _auth(self, creds: HTTPAuthorizationCredentials | None) -> None:
+        if self.digest is None:
+            return
+        header = f"{creds.scheme} {creds.credentials}" if creds else None
+        if not check_bearer(header, self.digest):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        """Liveness; open even when auth is on (it reveals nothing)."""
+        return {"status": "ok"}
+
+    @api.get("/v1/adapters", responses=_ERROR_DOCS)
+    async def adapters(self, creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> dict[str, list[str]]:
+        """The adapter ids available in the store."""
+        self._auth(creds)
+        return {"adapters": await asyncio.to_thread(list_adapters, self.store)}
+
+    @api.get("/v1/stats", responses=_ERROR_DOCS)
+    async def stats(self, creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> dict[str, Any]:
+        """Limits and the adapters loaded in one Generator replica (for operators and tests)."""
+        self._auth(creds)
+        return {"limits": self.limits.to_dict(), "replica": await self.gen.stats.remote()}
+
+    @api.post("/v1/images", response_class=Response, responses={
+        200: {"content": {"image/png": {}}, "description": "the PNG image; headers X-Seed, X-Adapter-Cache"},
+        **_ERROR_DOCS})
+    async def images(self, req: ImageRequest,
+                     creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Response:
+        """Generate one image with the adapter `adapter`."""
+        self._auth(creds)
+        try:
+            job = resolve(req, self.limits, secrets.randbelow(2**31))
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
+        if not await asyncio.to_thread(self.store.exists, f"{adapter_prefix(job.adapter)}/{ADAPTER_FILE}"):
+            raise HTTPException(404, f"unknown adapter {job.adapter!r}")
+        try:
+            out = await self.gen.options(multiplexed_model_id=job.adapter).generate.remote(asdict(job))
+        except BackPressureError:
+            return _error(503, "server overloaded: request queue full, retry later", {"Retry-After": "1"})
+        if "status" in out:
+            raise HTTPException(out["status"], out["reason"])
+        return Response(out["png"], media_type="image/png",
+                        headers={"X-Seed": str(job.seed), "X-Adapter-Cache": out["cache"]})
+
+
+# build_app arguments: name -> (type, default). Values from `serve run k=v` arrive as strings.
+APP_ARGS: dict[str, tuple[type, Any]] = {
+    "model": (str, None), "store": (str, None), "device": (str, "auto"), "token": (str, None),
+    "cache_size": (int, 3), "num_replicas": (int, 1), "num_cpus": (float, 1.0), "num_gpus": (float, 0.0),
+    "max_ongoing": (int, 2), "max_queued": (int, 16),
+    **{f.name: (f.type if isinstance(f.type, type) else {"int": int, "float": float}[f.type], f.default)
+       for f in fields(ServeLimits)},
+}
+
+
+def parse_args(args: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(args) - set(APP_ARGS))
+    if unknown:
+        raise ValueError(f"unknown serve argument(s) {unknown}: expected some of {sorted(APP_ARGS)}")
+    out: dict[str, Any] = {}
+    for name, (typ, default) in APP_ARGS.items():
+        v = args.get(name, default)
+        if v is None and name in ("model", "store"):
+            raise ValueError(f"serve argument {name!r} is required")
+        try:
+            out[name] = None if v is None else typ(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"serve argument {name}={v!r}: expected {typ.__name__}") from None
+    if out["cache_size"] < 1 or out["max_ongoing"] < 1 or out["max_queued"] < 0 or out["num_replicas"] < 1:
+        raise ValueError("cache_size, max_ongoing and num_replicas must be >= 1 and max_queued >= 0")
+    return out
+
+
+def build_app(args: dict[str, Any]):
+    """Application builder: `serve run blockskip_ray.distributed.serve_app:build_app model=M store=S [k=v ...]`."""
+    a = parse_args(args)
+    limits = ServeLimits(**{f.name: a[f.name] for f in fields(ServeLimits)})
+    token = a["token"] or os.environ.get(TOKEN_ENV)
+    gen = Generator.options(
+        num_replicas=a["num_replicas"], max_ongoing_requests=a["max_ongoing"], max_queued_requests=a["max_queued"],
+        ray_actor_options={"num_cpus": a["num_cpus"], "num_gpus": a["num_gpus"]},
+    ).bind(a["model"], a["store"], a["device"], a["cache_size"])
+    # Only a digest of the token goes into the deployment config; the token itself is never stored or logged.
+    return Ingress.options(max_ongoing_requests=max(64, 4 * (a["max_ongoing"] + a["max_queued"]))).bind(
+        gen, a["store"], limits.to_dict(), token_digest(token) if token else None)

@@ -1,0 +1,90 @@
+"""Start/stop the image service on the current Ray cluster (a local one when none runs).
+
+`run_server` backs `blockskip serve`: it deploys `build_app`, then waits until SIGINT/SIGTERM and shuts Serve
+and Ray down so no Ray process is left behind. `serve_and_request` is the demo's last step: start, ask one
+image per adapter over HTTP, save the PNGs, shut down.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import ray
+from ray import serve
+
+from .serve_app import TOKEN_ENV, build_app
+
+APP_NAME = "blockskip"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_app(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000,
+                num_cpus: int | None = None) -> Iterator[str]:
+    """Deploy the app (starting a local Ray when none is reachable) and yield its base URL; always clean up."""
+    app = build_app(args)  # validate arguments before starting anything
+    started_ray = False
+    if not ray.is_initialized():
+        # Connect to a running cluster if RAY_ADDRESS says so; otherwise start a private local one.
+        ray.init(address=os.environ.get("RAY_ADDRESS"), num_cpus=num_cpus, include_dashboard=False,
+                 log_to_driver=False)
+        started_ray = True
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        yield f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    finally:
+        serve.shutdown()
+        if started_ray:
+            ray.shutdown()
+
+
+def run_server(args: dict[str, Any], host: str, port: int) -> int:
+    """Serve until SIGINT or SIGTERM, then shut down cleanly."""
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with running_app(args, host, port) as url:
+            auth = "on (Authorization: Bearer ...)" if (args.get("token") or os.environ.get(TOKEN_ENV)) else "off"
+            print(f"serving {url}  (POST /v1/images, GET /v1/adapters, GET /healthz, docs at {url}/docs; "
+                  f"auth {auth}); Ctrl-C to stop", flush=True)
+            stop.wait()
+            print("shutting down", flush=True)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return 0
+
+
+def serve_and_request(model: str | Path, store: str | Path, adapters: list[str], out_dir: str | Path,
+                      prompt: str = "a photo of sks toy", steps: int = 4, size: int = 64, seed: int = 0,
+                      timeout_s: float = 300.0) -> list[Path]:
+    """Start the service, request one image per adapter over HTTP, save `out_dir/{adapter}.png`, shut down."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    args = {"model": str(model), "store": str(store) if "://" in str(store) else os.path.abspath(store), "num_cpus": 1, "default_side": size,
+            "min_side": min(64, size), "default_steps": steps, "max_steps": max(50, steps)}
+    paths = []
+    with running_app(args, port=free_port()) as url, httpx.Client(base_url=url, timeout=timeout_s) as client:
+        headers = {"Authorization": f"Bearer {os.environ[TOKEN_ENV]}"} if os.environ.get(TOKEN_ENV) else {}
+        for adapter in adapters:
+            r = client.post("/v1/images", json={"adapter": adapter, "prompt": prompt, "seed": seed},
+                            headers=headers)
+            if r.status_code != 200:
+                raise RuntimeError(f"image for adapter {adapter!r} failed: HTTP {r.status_code} {r.text[:300]}")
+            p = out / f"{adapter}.png"
+            p.write_bytes(r.content)
+            paths.append(p)
+    return paths

@@ -1,0 +1,240 @@
+"""The pure part of the HTTP image service: request schema, limits, auth, PNG generation with one adapter.
+
+Ray Serve wiring lives in `blockskip_ray.distributed.serve_app`; everything here is plain Python so it is
+tested without Ray. `AdapterHost` owns one pipeline holding several LoRA adapters at once and guarantees
+that requests for different adapters never mix: every pipeline mutation (load, delete, set_adapters) and
+every generation runs under one lock, and the active set is `[adapter]` right before each generation.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import shutil
+import tempfile
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .store import ADAPTER_FILE, Store, adapter_prefix, fetch_adapter
+from .store.ids import ID_PATTERN, is_valid_id, validate_id
+
+MAX_SEED = 2**63 - 1
+
+
+class ImageRequest(BaseModel):
+    """Body of `POST /v1/images`. Strict types: "4" is not an int, 4.0 is not an int, unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    adapter: str = Field(description=f"adapter id (= subject id), matching {ID_PATTERN}", examples=["toy-1"])
+    prompt: str = Field(min_length=1, description="text prompt (with the subject's token, e.g. 'sks')",
+                        examples=["a photo of sks toy on the beach"])
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="RNG seed; same request + seed = same PNG bytes. "
+                             "Random when absent (returned in the X-Seed header).")
+    steps: int | None = Field(None, ge=1, description="denoising steps (server default and maximum apply)")
+    guidance: float | None = Field(None, ge=0, description="guidance scale (pipeline default when absent)")
+    width: int | None = Field(None, ge=1, description="image width in pixels, a multiple of the server's multiple")
+    height: int | None = Field(None, ge=1, description="image height in pixels, a multiple of the server's multiple")
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_id(cls, v: str) -> str:
+        # Checked before the id reaches the store: "../x", "a/b", "" and friends never become paths.
+        if not is_valid_id(v):
+            raise ValueError(f"invalid adapter id: must match {ID_PATTERN} with no '..'")
+        return v
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """Server-side bounds on what one request may cost. Defaults are safe for FLUX/SANA on one GPU."""
+
+    max_steps: int = 50
+    default_steps: int = 28
+    min_side: int = 64
+    max_side: int = 1024
+    default_side: int = 512
+    multiple: int = 16  # FLUX packs 2x2 latents of a factor-8 VAE; use 32 for SANA's DC-AE
+    max_prompt_chars: int = 1000
+    max_guidance: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.default_steps <= self.max_steps):
+            raise ValueError(f"default_steps {self.default_steps} must be in [1, max_steps={self.max_steps}]")
+        if self.multiple < 1 or self.min_side < self.multiple or self.max_side < self.min_side:
+            raise ValueError(f"bad size limits: need multiple <= min_side <= max_side, got {self}")
+        if not (self.min_side <= self.default_side <= self.max_side) or self.default_side % self.multiple:
+            raise ValueError(f"default_side {self.default_side} must be a multiple of {self.multiple} "
+                             f"in [{self.min_side}, {self.max_side}]")
+        if self.max_prompt_chars < 1 or self.max_guidance < 0:
+            raise ValueError(f"bad limits: {self}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A request with every default filled in and every limit checked: what the generator runs."""
+
+    adapter: str
+    prompt: str
+    seed: int
+    steps: int
+    guidance: float | None
+    width: int
+    height: int
+
+
+def resolve(req: ImageRequest, limits: ServeLimits, random_seed: int) -> Job:
+    """Apply defaults and limits; ValueError (a client error, 422) names the first violated limit."""
+    if len(req.prompt) > limits.max_prompt_chars:
+        raise ValueError(f"prompt too long: {len(req.prompt)} characters > {limits.max_prompt_chars}")
+    steps = limits.default_steps if req.steps is None else req.steps
+    if steps > limits.max_steps:
+        raise ValueError(f"steps {steps} > max_steps {limits.max_steps}")
+    if req.guidance is not None and req.guidance > limits.max_guidance:
+        raise ValueError(f"guidance {req.guidance} > max_guidance {limits.max_guidance}")
+    sides = {}
+    for name in ("width", "height"):
+        v = getattr(req, name)
+        v = limits.default_side if v is None else v
+        if not (limits.min_side <= v <= limits.max_side):
+            raise ValueError(f"{name} {v} outside [{limits.min_side}, {limits.max_side}]")
+        if v % limits.multiple:
+            raise ValueError(f"{name} {v} is not a multiple of {limits.multiple}")
+        sides[name] = v
+    seed = random_seed if req.seed is None else req.seed
+    return Job(req.adapter, req.prompt, seed, steps, req.guidance, sides["width"], sides["height"])
+
+
+def token_digest(token: str) -> str:
+    """What the server keeps instead of the token itself (so it never sits in deployment configs)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def check_bearer(authorization: str | None, digest: str) -> bool:
+    """Constant-time check of an `Authorization: Bearer <token>` header against a token digest."""
+    scheme, _, given = (authorization or "").partition(" ")
+    ok_scheme = scheme.lower() == "bearer"
+    # Compare digests of equal length; compare_digest keeps the timing independent of where they differ.
+    return hmac.compare_digest(token_digest(given.strip()), digest) and ok_scheme
+
+
+def encode_png(image) -> bytes:
+    """PIL image -> PNG bytes. PIL writes no timestamp, so equal pixels give equal bytes."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def generate_image(pipe, job: Job):
+    """One image from a pipeline whose active adapter set is already chosen. Seeded on CPU for reproducibility."""
+    extra: dict[str, Any] = {}
+    if type(pipe).__name__ == "SanaPipeline":
+        extra["use_resolution_binning"] = False  # answer exactly the size asked for
+    if job.guidance is not None:
+        extra["guidance_scale"] = job.guidance
+    g = torch.Generator("cpu").manual_seed(job.seed)
+    with torch.inference_mode():
+        out = pipe(job.prompt, num_inference_steps=job.steps, height=job.height, width=job.width, generator=g, **extra)
+    return out.images[0]
+
+
+def pick_device_dtype(device: str = "auto") -> tuple[torch.device, torch.dtype]:
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    return dev, (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+
+
+class AdapterHost:
+    """One pipeline plus the LoRA adapters currently loaded into it, fetched from a store on demand.
+
+    The multiplex cache (Ray Serve) decides *which* adapters stay loaded; this class keeps the pipeline in
+    step with it: `load` adds one (`load_lora_weights(dir, adapter_name=id)`), `unload` deletes it
+    (`delete_adapters`). A request whose adapter was evicted between routing and generation still gets the
+    right adapter: `generate_png` loads it for that one generation and deletes it again.
+    """
+
+    def __init__(self, pipe, store: Store, cache_dir: str | Path):
+        self.pipe = pipe
+        self.store = store
+        self.cache_dir = Path(cache_dir)
+        self.lock = threading.RLock()  # re-entrant: an eviction may run from a finalizer on a thread holding it
+        self.loaded: set[str] = set()  # adapter ids loaded in the pipeline
+
+    def exists(self, adapter_id: str) -> bool:
+        return self.store.exists(f"{adapter_prefix(adapter_id)}/{ADAPTER_FILE}")
+
+    def pipeline_adapters(self) -> list[str]:
+        with self.lock:
+            return sorted({a for names in self.pipe.get_list_adapters().values() for a in names})
+
+    def load(self, adapter_id: str) -> None:
+        """Fetch (KeyError if unknown) and load into the pipeline. The download runs outside the lock.
+
+        Each load fetches into its own temp dir, removed once the weights are in memory, so concurrent
+        fetches of the same adapter never step on each other's files.
+        """
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix="fetch-"))
+        try:
+            local = fetch_adapter(self.store, adapter_id, tmp)
+            with self.lock:
+                if adapter_id in self.pipeline_adapters():
+                    self.pipe.delete_adapters(adapter_id)  # a transient copy, or a reload: replace it
+                self.pipe.load_lora_weights(str(local), adapter_name=adapter_id)
+                self.loaded.add(adapter_id)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def unload(self, adapter_id: str) -> None:
+        with self.lock:
+            if adapter_id in self.pipeline_adapters():
+                self.pipe.delete_adapters(adapter_id)
+            self.loaded.discard(adapter_id)
+
+    def generate_png(self, job: Job) -> bytes:
+        with self.lock:
+            transient = job.adapter not in self.loaded
+            if transient:  # evicted after this request was routed: load it just for this generation
+                self.load(job.adapter)
+            try:
+                self.pipe.set_adapters([job.adapter])
+                image = generate_image(self.pipe, job)
+            finally:
+                if transient:
+                    self.unload(job.adapter)
+        return encode_png(image)
+
+
+def build_tiny_adapter_store(root: str | Path, subject_ids: list[str], steps: int = 6, lr: float = 1e-2,
+                             family: str = "flux") -> tuple[Path, Path]:
+    """Tiny model + one quickly trained adapter per subject in a local store at `root/store`, for tests,
+    benchmarks and the demo. Each subject gets its own synthetic images and seed, and a high learning rate,
+    so the adapters differ clearly. Returns (model_dir, store_dir)."""
+    from .method.images import make_synthetic_subject
+    from .method.personalize import TrainSpec, personalize
+    from .method.trainer import OptimConfig
+    from .models.tiny import init_model
+    from .store import put_adapter
+
+    root = Path(root)
+    model = root / "model"
+    if not (model / "model_index.json").is_file():
+        init_model(family, model)
+    store = Store.open(str(root / "store"))
+    for i, sid in enumerate(subject_ids):
+        validate_id(sid)
+        images = root / "images" / sid
+        make_synthetic_subject(images, n=3, size=64, seed=100 + i)
+        out = root / "train" / sid
+        personalize(TrainSpec(model=str(model), images=str(images), prompt="a photo of sks toy", out=str(out),
+                              subject_id=sid, steps=steps, resolution=64, max_text_tokens=32, num_samples=0,
+                              seed=i, device="cpu", optim=OptimConfig(lr=lr)), log=lambda _msg: None)
+        put_adapter(store, sid, out / "adapter")
+    return model, root / "store"

@@ -1,0 +1,108 @@
+"""The pure part of the image service: request schema, limits, auth, and adapter isolation in one pipeline."""
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from blockskip_ray.models.loading import load_pipeline
+from blockskip_ray.serving import (AdapterHost, ImageRequest, Job, ServeLimits, build_tiny_adapter_store,
+                                   check_bearer, encode_png, generate_image, resolve, token_digest)
+from blockskip_ray.store import Store, fetch_adapter
+
+IDS = ["toy-a", "toy-b", "toy-c"]
+
+
+def req(**kw) -> ImageRequest:
+    return ImageRequest.model_validate({"adapter": "toy-a", "prompt": "a photo of sks toy", **kw})
+
+
+@pytest.mark.parametrize("bad", [
+    {"adapter": "../x"}, {"adapter": "a/b"}, {"adapter": ""}, {"adapter": ".hidden"}, {"adapter": "a..b"},
+    {"adapter": 3}, {"prompt": ""}, {"steps": "4"}, {"steps": 4.0}, {"steps": True}, {"steps": 0},
+    {"seed": -1}, {"width": "64"}, {"guidance": "3"}, {"guidance": -1.0}, {"extra": 1},
+])
+def test_request_schema_rejects(bad):
+    with pytest.raises(ValidationError):
+        req(**bad)
+
+
+def test_request_schema_accepts_ints_for_floats():
+    assert req(guidance=3).guidance == 3.0
+
+
+def test_resolve_defaults_and_limits():
+    lim = ServeLimits(max_steps=8, default_steps=4, min_side=32, max_side=128, default_side=64, max_prompt_chars=20)
+    j = resolve(req(), lim, random_seed=77)
+    assert j == Job("toy-a", "a photo of sks toy", 77, 4, None, 64, 64)
+    assert resolve(req(seed=5, steps=8, width=128, height=32, guidance=2), lim, 0) == Job(
+        "toy-a", "a photo of sks toy", 5, 8, 2.0, 128, 32)
+    for kw, msg in [({"steps": 9}, "max_steps"), ({"width": 144}, "outside"), ({"height": 16}, "outside"),
+                    ({"width": 72}, "multiple of 16"), ({"prompt": "x" * 21}, "prompt too long"),
+                    ({"guidance": 31.0}, "max_guidance")]:
+        with pytest.raises(ValueError, match=msg):
+            resolve(req(**kw), lim, 0)
+
+
+@pytest.mark.parametrize("kw", [{"default_steps": 60}, {"multiple": 0}, {"min_side": 256, "max_side": 128},
+                                {"default_side": 72}, {"max_prompt_chars": 0}])
+def test_limits_validate(kw):
+    with pytest.raises(ValueError):
+        ServeLimits(**kw)
+
+
+def test_check_bearer():
+    d = token_digest("s3cret")
+    assert check_bearer("Bearer s3cret", d) and check_bearer("bearer s3cret", d)
+    for header in [None, "", "Bearer", "Bearer wrong", "Basic s3cret", "s3cret", "Bearer s3cret2"]:
+        assert not check_bearer(header, d), header
+    assert "s3cret" not in d
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory):
+    return build_tiny_adapter_store(tmp_path_factory.mktemp("serving"), IDS)
+
+
+def _job(adapter: str, seed: int = 3) -> Job:
+    return Job(adapter, "a photo of sks toy", seed, 3, None, 64, 64)
+
+
+def test_adapter_host_never_mixes_adapters(tiny_store, tmp_path):
+    model, store_dir = tiny_store
+    store = Store.open(str(store_dir))
+    # Reference: a fresh pipeline holding only that one adapter.
+    ref = {}
+    for a in IDS:
+        pipe = load_pipeline(model)
+        pipe.load_lora_weights(str(fetch_adapter(store, a, tmp_path / "ref")), adapter_name=a)
+        ref[a] = encode_png(generate_image(pipe, _job(a)))
+    base = encode_png(generate_image(load_pipeline(model), _job("none")))
+    assert len({*ref.values(), base}) == 4, "adapters must differ from each other and from the base model"
+
+    host = AdapterHost(load_pipeline(model), store, tmp_path / "cache")
+    for a in IDS:
+        host.load(a)
+    assert host.pipeline_adapters() == IDS and host.loaded == set(IDS)
+    for a in ["toy-b", "toy-a", "toy-c", "toy-a", "toy-b"]:
+        assert host.generate_png(_job(a)) == ref[a], a
+    assert encode_png(generate_image(host.pipe, _job("toy-a", seed=4))) != ref["toy-a"]  # the seed matters
+
+    host.unload("toy-b")  # eviction deletes the adapter from the pipeline
+    assert host.pipeline_adapters() == ["toy-a", "toy-c"] and "toy-b" not in host.loaded
+    # Evicted between routing and generation: loaded for this one request, then removed again.
+    assert host.generate_png(_job("toy-b")) == ref["toy-b"]
+    assert host.pipeline_adapters() == ["toy-a", "toy-c"]
+    assert not list((tmp_path / "cache").iterdir()), "fetched copies are removed once loaded"
+    with pytest.raises(KeyError):
+        host.load("missing")
+    with pytest.raises(ValueError):
+        host.load("../toy-a")
+
+
+def test_png_bytes_deterministic(tiny_store):
+    model, _ = tiny_store
+    pipe = load_pipeline(model)
+    a, b = (encode_png(generate_image(pipe, _job("x", seed=9))) for _ in range(2))
+    assert a == b and a[:8] == b"\x89PNG\r\n\x1a\n"
+    assert torch.get_default_dtype() == torch.float32
