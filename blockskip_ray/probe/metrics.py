@@ -35,7 +35,11 @@ def resolve_model_source(source: str | Path, cache_root: str | Path | None = Non
     root = Path(cache_root) if cache_root else Path.home() / ".cache" / "blockskip" / "metric-models"
     local = root / hashlib.sha256(s.encode()).hexdigest()[:16]
     if not (local / "config.json").is_file():
-        Store.open(s).download_dir("", local)
+        # download the last path segment from its parent: Store keys may not be empty
+        base, _, name = s.rstrip("/").rpartition("/")
+        if not name or base.endswith(":/"):
+            raise ValueError(f"metric model URI {s!r} must name a folder inside a store, e.g. s3://bucket/models/dino")
+        Store.open(base).download_dir(name, local)
     if not (local / "config.json").is_file():
         raise FileNotFoundError(f"metric model {s} has no config.json (is it a saved transformers model?)")
     return local
