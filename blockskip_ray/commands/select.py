@@ -9,8 +9,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-TINY_DEFAULTS = {"steps": 4, "resolution": 64}
-FULL_DEFAULTS = {"steps": 28, "resolution": 512}
 
 
 def register(sub) -> None:
@@ -53,16 +51,10 @@ def _floats(text: str, what: str) -> list[float]:
         raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
-def _is_tiny(model: str) -> bool:
-    from ..probe.selection import transformer_config
-
-    cfg = transformer_config(model)  # "unknown model" when it is no diffusers directory
-    return cfg["num_attention_heads"] * cfg["attention_head_dim"] < 256  # the tiny builders use dim 32
-
-
 def run(args: argparse.Namespace) -> int:
     from ..distributed.probes import ProbeConfig, ProbeSubject, ensure_ray, run_probe
     from ..method.images import make_synthetic_subject
+    from ..probe.generate import generation_defaults
     from ..probe.search import make_plan
     from ..probe.selection import draw_profile, model_key, num_blocks_of, write_selection
     from ..probe.tiny_metrics import build_tiny_dino
@@ -75,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     seeds = [int(s) for s in _floats(args.seeds, "--seeds")]
     key, n_blocks = model_key(args.model), num_blocks_of(args.model)
     plan = make_plan(n_blocks, ratios, args.window)  # bad ratios / window fail here, before Ray starts
-    defaults = TINY_DEFAULTS if _is_tiny(args.model) else FULL_DEFAULTS
+    defaults = generation_defaults(args.model)
     store = Store.open(args.store)
     work = Path(tempfile.mkdtemp(prefix="blockskip-select-"))
     if args.probe_subjects:
