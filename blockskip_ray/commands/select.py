@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -54,7 +55,7 @@ def _floats(text: str, what: str) -> list[float]:
 def run(args: argparse.Namespace) -> int:
     from ..distributed.probes import ProbeConfig, ProbeSubject, ensure_ray, run_probe
     from ..method.images import make_synthetic_subject
-    from ..probe.generate import generation_defaults
+    from ..probe.generate import generation_defaults, is_tiny_model
     from ..probe.search import make_plan
     from ..probe.selection import draw_profile, model_key, num_blocks_of, write_selection
     from ..probe.tiny_metrics import build_tiny_dino
@@ -70,35 +71,42 @@ def run(args: argparse.Namespace) -> int:
     defaults = generation_defaults(args.model)
     store = Store.open(args.store)
     work = Path(tempfile.mkdtemp(prefix="blockskip-select-"))
-    if args.probe_subjects:
-        subjects = [ProbeSubject(Path(d).name, str(d)) for d in args.probe_subjects]
-    else:
-        subjects = []
-        for i in range(2):
-            d = work / f"robot-toy-{i}"
-            make_synthetic_subject(d, n=4, size=128, seed=100 + i)
-            subjects.append(ProbeSubject(d.name, str(d)))
-        log(f"no --probe-subjects: using 2 built-in synthetic subjects in {work}")
-    dino, tiny_dino = args.dino, False
-    if dino is None:
-        dino, tiny_dino = str(build_tiny_dino(work / "tiny-dino")), True
-        log("=" * 78 + "\nWARNING: no --dino given: using a tiny RANDOM-WEIGHT DINOv2 built locally. The distances\n"
-            "and the chosen splits only exercise the pipeline; they say nothing about the model.\n" + "=" * 78)
-    cfg = ProbeConfig(model=str(Path(args.model).resolve()), subjects=subjects, ratios=ratios, seeds=seeds,
-                      window=plan.window, steps=args.steps or defaults["steps"],
-                      resolution=args.resolution or defaults["resolution"], dino=dino, num_gpus=args.num_gpus,
-                      max_retries=args.max_retries, finetune_steps=args.finetune_steps)
-    if args.prompts:
-        cfg.prompts = list(args.prompts)
-    log(f"model {args.model}: key {key}, N={n_blocks} blocks, window W={plan.window}, budgets "
-        f"{plan.budgets}, steps {cfg.steps}, resolution {cfg.resolution}")
-    t0 = time.monotonic()
-    ensure_ray(args.num_cpus, log, args.ray_address)
-    _, result = run_probe(cfg, n_blocks, log)
-    doc = {"model_key": key, "model": str(args.model), "created_at": datetime.now(timezone.utc).isoformat(),
-           "dino_tiny_random": tiny_dino, **result}
-    note = "RANDOM-WEIGHT DINO: distances are not meaningful" if tiny_dino else None
-    url = write_selection(store, doc, draw_profile(doc, note))
-    log(f"done in {time.monotonic() - t0:.1f} s: {result['generations']} generations")
-    print(json.dumps({"selection": url, "model_key": key, "table": doc["table"]}, indent=1))
-    return 0
+    try:
+        if args.probe_subjects:
+            subjects = [ProbeSubject(Path(d).name, str(d)) for d in args.probe_subjects]
+        else:
+            subjects = []
+            for i in range(2):
+                d = work / f"robot-toy-{i}"
+                make_synthetic_subject(d, n=4, size=128, seed=100 + i)
+                subjects.append(ProbeSubject(d.name, str(d)))
+            log(f"no --probe-subjects: using 2 built-in synthetic subjects in {work}")
+        dino, tiny_dino = args.dino, False
+        if dino is None:
+            dino, tiny_dino = str(build_tiny_dino(work / "tiny-dino")), True
+            log("=" * 78 + "\nWARNING: no --dino given: using a tiny RANDOM-WEIGHT DINOv2 built locally. The distances\n"
+                "and the chosen splits only exercise the pipeline; they say nothing about the model.\n" + "=" * 78)
+        cfg = ProbeConfig(model=str(Path(args.model).resolve()), subjects=subjects, ratios=ratios, seeds=seeds,
+                          window=plan.window, steps=args.steps or defaults["steps"],
+                          resolution=args.resolution or defaults["resolution"], dino=dino, num_gpus=args.num_gpus,
+                          max_retries=args.max_retries, finetune_steps=args.finetune_steps)
+        if args.prompts:
+            cfg.prompts = list(args.prompts)
+        log(f"model {args.model}: key {key}, N={n_blocks} blocks, window W={plan.window}, budgets "
+            f"{plan.budgets}, steps {cfg.steps}, resolution {cfg.resolution}")
+        t0 = time.monotonic()
+        ensure_ray(args.num_cpus, log, args.ray_address)
+        _, result = run_probe(cfg, n_blocks, log)
+        doc = {"model_key": key, "model": str(args.model), "created_at": datetime.now(timezone.utc).isoformat(),
+               "dino_tiny_random": tiny_dino, **result}
+        if tiny_dino:  # its temp dir is gone after the run: say what it was instead
+            doc["probe"]["dino"] = "tiny random-weight DINOv2 built locally (no --dino)"
+        warn = ["tiny RANDOM-WEIGHT test model"] if is_tiny_model(args.model) else []
+        warn += ["RANDOM-WEIGHT DINO"] if tiny_dino else []
+        note = " + ".join(warn) + ": distances are not meaningful" if warn else None
+        url = write_selection(store, doc, draw_profile(doc, note))
+        log(f"done in {time.monotonic() - t0:.1f} s: {result['generations']} generations")
+        print(json.dumps({"selection": url, "model_key": key, "table": doc["table"]}, indent=1))
+        return 0
+    finally:  # synthetic subjects and the tiny DINO are only needed while the tasks run
+        shutil.rmtree(work, ignore_errors=True)

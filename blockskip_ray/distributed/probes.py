@@ -61,7 +61,7 @@ def ensure_ray(num_cpus: int | None = None, log: Callable[[str], None] = print, 
         log(f"joined the running Ray cluster ({ray.cluster_resources().get('CPU', 0):.0f} CPUs, "
             f"{ray.cluster_resources().get('GPU', 0):.0f} GPUs)")
     except (ConnectionError, RuntimeError, ValueError):
-        ray.init(num_cpus=num_cpus, log_to_driver=False)
+        ray.init(address="local", num_cpus=num_cpus, log_to_driver=False)  # never someone else's Ray
         log(f"no Ray cluster found: started a local Ray with {ray.cluster_resources().get('CPU', 0):.0f} CPUs")
 
 

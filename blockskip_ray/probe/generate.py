@@ -42,14 +42,18 @@ TINY_DEFAULTS = {"steps": 4, "resolution": 64}
 FULL_DEFAULTS = {"steps": 28, "resolution": 512}
 
 
-def generation_defaults(model_dir: str | Path) -> dict[str, int]:
-    """Sampling steps / size when not given: tiny test models (inner dim < 256; the builders use 32) get a
-    cheap 4 steps at 64 px, real models FLUX.1-dev's usual 28 steps at 512 px."""
+def is_tiny_model(model_dir: str | Path) -> bool:
+    """A tiny test model (inner dim < 256; `blockskip init-model` builds dim 32 with random weights)."""
     from .selection import transformer_config
 
     cfg = transformer_config(model_dir)  # "unknown model" when it is no diffusers directory
-    tiny = cfg["num_attention_heads"] * cfg["attention_head_dim"] < 256
-    return dict(TINY_DEFAULTS if tiny else FULL_DEFAULTS)
+    return cfg["num_attention_heads"] * cfg["attention_head_dim"] < 256
+
+
+def generation_defaults(model_dir: str | Path) -> dict[str, int]:
+    """Sampling steps / size when not given: tiny test models get a cheap 4 steps at 64 px, real models
+    FLUX.1-dev's usual 28 steps at 512 px."""
+    return dict(TINY_DEFAULTS if is_tiny_model(model_dir) else FULL_DEFAULTS)
 
 
 def pick_device(device: str) -> torch.device:

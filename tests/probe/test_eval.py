@@ -59,3 +59,13 @@ def test_eval_bad_input(env, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):
         eval_cmd.run(_args(env, tmp_path / "x.parquet", images=str(tmp_path / "empty")))
+
+
+def test_probe_worker_switches_adapters_exactly(env):
+    from blockskip_ray.probe.generate import ProbeWorker, adapter_files
+
+    w = ProbeWorker(env["model"], env["dino"], "cpu")
+    base = w.embed("a photo of sks toy", 0, frozenset(), 2, 32)
+    tuned = w.embed("a photo of sks toy", 0, frozenset(), 2, 32, adapter_files(env["adapter"]))
+    assert tuned != base
+    assert w.embed("a photo of sks toy", 0, frozenset(), 2, 32) == base  # unloading restores the base weights

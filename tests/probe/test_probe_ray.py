@@ -26,7 +26,7 @@ def env(tmp_path_factory):
     dino = build_tiny_dino(d / "dino")
     subj = d / "toy"
     make_synthetic_subject(subj, n=2, size=64, seed=3)
-    ray.init(num_cpus=2, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, log_to_driver=False)  # a fresh Ray, even if a `ray start` head runs here
     yield {"dir": d, "model": str(model), "dino": str(dino), "subject": str(subj)}
     ray.shutdown()
 
