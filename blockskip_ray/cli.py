@@ -10,6 +10,8 @@ COMMANDS = [
     "init_model",
     "train",
     "demo",
+    "select",
+    "eval",
     "precompute",
     "serve",
 ]
