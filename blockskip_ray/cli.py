@@ -9,6 +9,7 @@ import sys
 COMMANDS = [
     "init_model",
     "train",
+    "demo",
     "estimate",
 ]
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 # Modes with an unambiguous RGB conversion. 16-bit / float / CMYK images are refused rather than guessed at.
 SUPPORTED_MODES = ("RGB", "RGBA", "L", "LA", "P")
 

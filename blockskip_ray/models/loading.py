@@ -42,7 +42,7 @@ def load_pipeline(model_dir: str | Path, device: str | torch.device = "cpu", dty
 
     family = model_family(model_dir)
     cls = getattr(diffusers, {"flux": "FluxPipeline", "sana": "SanaPipeline"}[family])
-    pipe = cls.from_pretrained(str(model_dir), torch_dtype=dtype)
+    pipe = cls.from_pretrained(str(model_dir), dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
