@@ -21,11 +21,12 @@ accuracy test compares it and the GPU model with real tensors on small configs.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -99,10 +100,10 @@ def build_trainer(family: str, cfg: dict[str, Any], skip: tuple[int, int], spec:
     strip_blocks(t, [i for i in range(n_blocks) if i not in kept])
     stack = make_stack(t, vae)
     optim = OptimConfig(rank=spec.rank, gradient_checkpointing=spec.gradient_checkpointing)
-    return SkipTrainer(t, stack, skip, get_mode(spec.mode), optim, "meta"), n_blocks
+    return SkipTrainer(t, stack, skip, get_mode(spec.mode), optim, "meta")
 
 
-def to_fake(trainer: SkipTrainer, weight_dtype: torch.dtype, make) -> None:
+def to_fake(trainer: SkipTrainer, weight_dtype: torch.dtype, make: Callable) -> None:
     """Replace every meta tensor of the trainer by `make(shape, dtype)`; frozen floats become weight_dtype.
 
     Module attributes are reassigned (not `.to()`): `Module._apply` swaps FakeTensors in place, which
@@ -142,7 +143,7 @@ def warm_optimizer(trainer: SkipTrainer) -> None:
 
 
 def step_inputs(family: str, cfg: dict[str, Any], spec: EstimateSpec, skip: tuple[int, int], vae: int,
-                make) -> tuple[dict, dict]:
+                make: Callable) -> tuple[dict, dict]:
     """The subject's text and one step's features with the shapes FeatureComputer produces (fp32, host)."""
     b, r, lt = spec.batch_size, spec.resolution, spec.text_tokens
     mode = get_mode(spec.mode)
@@ -184,47 +185,69 @@ def check_spec(spec: EstimateSpec, family: str, vae: int, patch: int) -> None:
         raise ValueError(f"target must be 'cuda' or 'cpu', got {spec.target!r}")
 
 
-def estimate(spec: EstimateSpec) -> dict[str, Any]:
-    """Trace one steady-state training step at full scale; returns the JSON the CLI prints."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+@dataclass
+class Prepared:
+    trainer: SkipTrainer
+    text: dict[str, Any]
+    feats: dict[str, Any]
+    family: str
+    skip: tuple[int, int]
+    num_blocks: int
 
-    t0 = time.perf_counter()
+
+def prepare(spec: EstimateSpec, make: Callable[[tuple, torch.dtype], torch.Tensor],
+            mode: Any = None) -> Prepared:
+    """Validate, build the trainer on meta, then (under `mode`) turn its tensors into `make(shape, dtype)` ones.
+
+    `make` makes fake tensors for the estimate and real ones for the measurement it is tested against,
+    so both sides run exactly the same construction and the same step. The meta build (diffusers +
+    peft) must happen outside FakeTensorMode: peft's `.to()` cannot swap FakeTensors."""
     family, cfg, vae = model_config(spec.model)
     get_mode(spec.mode)
     check_spec(spec, family, vae, cfg.get("patch_size", 1) if family == "sana" else 1)
     n_blocks = _num_blocks(family, cfg)
     skip = resolve_skip(spec, n_blocks)
-    trainer, _ = build_trainer(family, cfg, skip, spec, vae)
-    weight_dtype = torch.bfloat16 if spec.target == "cuda" else torch.float32
-    fake = FakeTensorMode(allow_non_fake_inputs=False)
-    make = lambda shape, dtype: torch.empty(shape, dtype=dtype)  # noqa: E731 - under `fake`, no data
-    with fake:
-        to_fake(trainer, weight_dtype, make)
+    trainer = build_trainer(family, cfg, skip, spec, vae)
+    with mode if mode is not None else contextlib.nullcontext():
+        to_fake(trainer, torch.bfloat16 if spec.target == "cuda" else torch.float32, make)
         model_target(trainer, spec.target)
         text, feats = step_inputs(family, cfg, spec, skip, vae, make)
-        reads = ScalarReads()
+    return Prepared(trainer, text, feats, family, skip, n_blocks)
+
+
+def estimate(spec: EstimateSpec) -> dict[str, Any]:
+    """Trace one steady-state training step at full scale; returns the JSON the CLI prints."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    t0 = time.perf_counter()
+    make = lambda shape, dtype: torch.empty(shape, dtype=dtype)  # noqa: E731 - under FakeTensorMode: no data
+    reads = ScalarReads()
+    fake = FakeTensorMode(allow_non_fake_inputs=False)
+    pr = prepare(spec, make, fake)
+    with fake:
+        trainer = pr.trainer
         with reads:
             warm_optimizer(trainer)
         mem, flops = LiveMemory(), FlopCounterMode(display=False)
         mem.register_trainer(trainer.t, trainer.params, trainer.opt)
         try:
             with mem, flops, reads:
-                trainer.train_step(text, feats)
+                trainer.train_step(pr.text, pr.feats)
         finally:
             mem.close()
-    kept = [skip[0], n_blocks - skip[1] - 1]
     return {
-        "model": spec.model, "family": family, "mode": spec.mode, "resolution": spec.resolution,
-        "skip": list(skip), "kept_blocks": kept, "num_blocks": n_blocks, "rank": spec.rank,
-        "batch_size": spec.batch_size, "text_tokens": spec.text_tokens,
-        "gradient_checkpointing": spec.gradient_checkpointing, "target": spec.target,
+        "model": spec.model, "family": pr.family, "mode": spec.mode, "resolution": spec.resolution,
+        "skip": list(pr.skip), "kept_blocks": [pr.skip[0], pr.num_blocks - pr.skip[1] - 1],
+        "num_blocks": pr.num_blocks, "rank": spec.rank, "batch_size": spec.batch_size,
+        "text_tokens": spec.text_tokens, "gradient_checkpointing": spec.gradient_checkpointing,
+        "target": spec.target,
         "peak_memory_gib": mem.peak / GIB,
         "breakdown_gib": {k: mem.peak_split[k] / GIB for k in CATEGORIES},
         "peak_memory_bytes": mem.peak,
         "tflops_per_step": flops.get_total_flops() / 1e12,
         "trainable_params": sum(p.numel() for p in trainer.params),
-        "kept_params": sum(p.numel() for p in trainer.t.parameters() if not p.requires_grad),
-        "weight_dtype": str(weight_dtype).replace("torch.", ""),
+        "frozen_params": sum(p.numel() for p in trainer.t.parameters() if not p.requires_grad),
+        "weight_dtype": "bfloat16" if spec.target == "cuda" else "float32",
         "scalar_reads_stubbed": reads.count,
         "trace_seconds": time.perf_counter() - t0,
     }
