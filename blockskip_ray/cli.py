@@ -10,6 +10,7 @@ COMMANDS = [
     "init_model",
     "train",
     "demo",
+    "estimate",
     "select",
     "eval",
     "precompute",

@@ -1,0 +1,68 @@
+"""`blockskip estimate`: full-scale training memory and TFLOPs per step, traced on fake tensors (no weights)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..plan_cost.estimate import EstimateSpec, estimate
+
+
+def _skip(value: str) -> tuple[int, int]:
+    try:
+        n, m = (int(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--skip takes N,M (two integers), got {value!r}") from None
+    return n, m
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "estimate",
+        help="peak training memory and TFLOPs of one step at full scale, without weights",
+        description="Trace one real training step of the trainer (the code path of `blockskip train`) on fake "
+                    "tensors at full size: only the kept blocks are built, frozen weights bf16, LoRA fp32, AdamW, "
+                    "bf16 autocast, as on a GPU. Prints the peak memory with its breakdown and the TFLOPs per step.",
+    )
+    p.add_argument("--model", required=True, help="flux-dev, flux-schnell, sana-1600m, sana-600m (or a tiny "
+                   "config name), or a local diffusers directory (only its config files are read)")
+    p.add_argument("--resolution", type=int, required=True, help="training resolution in pixels (s_min, or the "
+                   "fixed size of --mode lora); a multiple of 16 for FLUX, 32 for SANA")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--skip-ratio", type=float, default=None, help="fraction of blocks to skip, in [0, 1); "
+                   "split by the default rule (k = round(ratio*N), extra block at the front). Default 0.3")
+    g.add_argument("--skip", type=_skip, default=None, metavar="N,M", help="skip the first N and last M blocks")
+    p.add_argument("--mode", default="blockskip", choices=["lora", "resize", "naive-skip", "blockskip"],
+                   help="training mode; lora trains every block (no skip)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per step (default 1)")
+    p.add_argument("--text-tokens", type=int, default=512, help="prompt length in tokens (default 512, the "
+                   "trainer's max_text_tokens)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint every kept block")
+    p.add_argument("--target", default="cuda", choices=["cuda", "cpu"], help="which run to model: cuda "
+                   "(bf16 weights + autocast, default) or the trainer's CPU run (fp32)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = estimate(EstimateSpec(
+        model=args.model, resolution=args.resolution, skip=args.skip, skip_ratio=args.skip_ratio, mode=args.mode,
+        rank=args.rank, batch_size=args.batch_size, text_tokens=args.text_tokens,
+        gradient_checkpointing=args.gradient_checkpointing, target=args.target))
+    print(json.dumps(result, indent=1) if args.json else format_table(result))
+    return 0
+
+
+def format_table(r: dict) -> str:
+    lines = [
+        f"model {r['model']} ({r['family']}), mode {r['mode']}, {r['resolution']}x{r['resolution']}, "
+        f"skip n={r['skip'][0]} m={r['skip'][1]} (blocks {r['kept_blocks'][0]}..{r['kept_blocks'][1]} of "
+        f"{r['num_blocks']} kept), rank {r['rank']}, batch {r['batch_size']}, text {r['text_tokens']} tokens, "
+        f"gradient checkpointing {'on' if r['gradient_checkpointing'] else 'off'}, modeled run: {r['target']}",
+        f"{'peak memory':<22}{r['peak_memory_gib']:>10.2f} GiB",
+    ]
+    lines += [f"  {k:<20}{v:>10.2f} GiB" for k, v in r["breakdown_gib"].items()]
+    lines += [f"{'TFLOPs per step':<22}{r['tflops_per_step']:>10.2f}",
+              f"{'trainable params':<22}{r['trainable_params']:>10,d}",
+              f"(traced in {r['trace_seconds']:.1f} s)"]
+    return "\n".join(lines)
