@@ -1,0 +1,528 @@
+"""One interface over local directories and S3-compatible object stores.
+
+A :class:`Store` is rooted at a URI (a local path, ``file://...`` or
+``s3://bucket/prefix``).  Everything below it is addressed by *keys*:
+'/'-separated relative paths such as ``subjects/toy-1/plan.parquet``.  Local
+and S3 stores behave the same from the caller's point of view:
+
+* writes are atomic (local: temp file + ``os.replace``; S3: one PUT or a
+  completed multipart upload), so a reader never sees a partial object;
+* a missing key raises :class:`FileNotFoundError` naming the key;
+* every S3 call is retried with exponential backoff and full jitter on
+  transient errors (5xx, throttling, timeouts, dropped connections); permanent
+  errors (404, 403, ...) raise at once.
+
+S3 I/O goes through ``pyarrow.fs.S3FileSystem`` (what Ray Data uses too, see
+:attr:`Store.filesystem`); boto3 resolves credentials (so profiles, SSO and
+env credentials all work) and deletes prefixes in bulk, which pyarrow does
+without leaving directory-marker objects behind only via the raw API.
+Credentials never appear in ``repr``, logs or exception messages.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+__all__ = ["Store", "RetryPolicy", "is_transient_error"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Temp files of in-flight local writes start with this; list() hides them.
+_TMP_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter: sleep ~ U(0, min(max_delay, base * 2**i))."""
+
+    attempts: int = 5
+    base_delay: float = 0.2
+    max_delay: float = 10.0
+
+    def delay(self, attempt: int) -> float:
+        # Full jitter (rather than fixed exponential) spreads the retries of many
+        # Ray workers that failed together, so they don't hammer S3 in lockstep.
+        return random.uniform(0.0, min(self.max_delay, self.base_delay * (2**attempt)))
+
+
+# pyarrow reports S3 failures as OSError with the AWS SDK error name and/or the
+# HTTP status / curl code in the message; these are the retryable ones.
+_TRANSIENT_RE = re.compile(
+    r"SLOW_DOWN|SlowDown|THROTTL|Throttl|SERVICE_UNAVAILABLE|ServiceUnavailable|"
+    r"INTERNAL_FAILURE|InternalError|REQUEST_TIMEOUT|RequestTimeout|NETWORK_CONNECTION|"
+    r"HTTP status 5\d\d|HTTP response code: 5\d\d|response code 5\d\d|\[code 5\d\d\]|"
+    r"curlCode: (?:6|7|18|28|52|55|56)\b|Connection reset|connection reset|"
+    r"timed out|Timeout|Broken pipe|Connection refused|Server returned nothing|"
+    r"Recv failure|Send failure|Connection was reset",
+)
+_DENIED_RE = re.compile(r"ACCESS_DENIED|AccessDenied|HTTP status 403|\[code 403\]|Forbidden")
+_NOT_FOUND_RE = re.compile(r"NoSuchKey|RESOURCE_NOT_FOUND|HTTP status 404|\[code 404\]|NoSuchBucket")
+
+
+def is_transient_error(exc: BaseException) -> bool:
+    """True when ``exc`` is worth retrying (5xx, throttling, timeout, dropped connection)."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    try:  # botocore is only needed for the boto3 code paths
+        from botocore.exceptions import ClientError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+
+        if isinstance(exc, (BotoConnectionError, HTTPClientError)):
+            return True
+        if isinstance(exc, ClientError):
+            err = exc.response.get("Error", {})
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0
+            code = str(err.get("Code", ""))
+            return status >= 500 or status == 429 or bool(_TRANSIENT_RE.search(code))
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError):
+        msg = str(exc)
+        if _DENIED_RE.search(msg) or _NOT_FOUND_RE.search(msg):
+            return False
+        return bool(_TRANSIENT_RE.search(msg))
+    return False
+
+
+def _split_endpoint(url: str) -> tuple[str, str]:
+    """'http://127.0.0.1:9000' -> ('http', '127.0.0.1:9000'); bare host -> https."""
+    if "://" not in url:
+        return "https", url.rstrip("/")
+    p = urlparse(url)
+    return p.scheme or "https", p.netloc
+
+
+class Store:
+    """A local directory or an S3 prefix, addressed by '/'-separated keys.
+
+    Construct with :meth:`Store.open`.  Instances are picklable (Ray ships them
+    to workers); the boto3 client is rebuilt lazily on the other side.
+    """
+
+    def __init__(
+        self,
+        *,
+        uri: str,
+        fs: pafs.FileSystem,
+        local_root: Path | None = None,
+        bucket: str | None = None,
+        prefix: str = "",
+        retry: RetryPolicy = RetryPolicy(),
+        boto_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self._uri = uri
+        self._fs = fs
+        self._local_root = local_root
+        self._bucket = bucket
+        self._prefix = prefix.strip("/")
+        self.retry = retry
+        # Holds credentials: never logged, never in repr (see __repr__).
+        self._boto_kwargs = boto_kwargs or {}
+        self._boto_client: Any = None
+
+    # ------------------------------------------------------------------ open
+    @classmethod
+    def open(
+        cls,
+        uri: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        profile: str | None = None,
+        retry_attempts: int = 5,
+        retry_base_delay: float = 0.2,
+        connect_timeout: float | None = None,
+        request_timeout: float | None = None,
+    ) -> "Store":
+        """Open a store at a local path, ``file://`` URI or ``s3://bucket/prefix``.
+
+        For S3 the endpoint comes from ``endpoint_url`` or AWS_ENDPOINT_URL_S3 /
+        AWS_ENDPOINT_URL; the region from ``region`` or AWS_REGION /
+        AWS_DEFAULT_REGION / the profile; credentials from the boto3 chain
+        (``profile`` or AWS_PROFILE, env, config files, instance metadata).
+        """
+        if retry_attempts < 1:
+            raise ValueError("retry_attempts must be >= 1")
+        retry = RetryPolicy(attempts=retry_attempts, base_delay=retry_base_delay)
+        if uri.startswith("s3://"):
+            return cls._open_s3(
+                uri, endpoint_url=endpoint_url, region=region, profile=profile, retry=retry,
+                connect_timeout=connect_timeout, request_timeout=request_timeout,
+            )
+        if "://" in uri and not uri.startswith("file://"):
+            raise ValueError(f"unsupported store URI scheme: {uri!r} (use a local path or s3://bucket/prefix)")
+        path = Path(urlparse(uri).path if uri.startswith("file://") else uri).expanduser().resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return cls(uri=str(path), fs=pafs.LocalFileSystem(), local_root=path, retry=retry)
+
+    @classmethod
+    def _open_s3(
+        cls, uri: str, *, endpoint_url: str | None, region: str | None, profile: str | None,
+        retry: RetryPolicy, connect_timeout: float | None, request_timeout: float | None,
+    ) -> "Store":
+        import boto3
+
+        p = urlparse(uri)
+        bucket, prefix = p.netloc, p.path.strip("/")
+        if not bucket:
+            raise ValueError(f"S3 URI has no bucket: {uri!r}")
+        session = boto3.Session(profile_name=profile or None)
+        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if not endpoint:
+            # botocore >= 1.31 reads endpoint_url from the profile's config too.
+            try:
+                endpoint = session._session.get_scoped_config().get("endpoint_url")  # noqa: SLF001
+            except Exception:  # profile missing etc.: fall back to AWS' own endpoints
+                endpoint = None
+        region = (
+            region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+            or session.region_name or "us-east-1"
+        )
+        fs_kwargs: dict[str, Any] = {"region": region}
+        boto_kwargs: dict[str, Any] = {"region_name": region}
+        creds = session.get_credentials()
+        if creds is not None:
+            frozen = creds.get_frozen_credentials()
+            fs_kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key,
+                             session_token=frozen.token)
+            boto_kwargs.update(aws_access_key_id=frozen.access_key, aws_secret_access_key=frozen.secret_key,
+                               aws_session_token=frozen.token)
+        if endpoint:
+            scheme, host = _split_endpoint(endpoint)
+            fs_kwargs.update(endpoint_override=host, scheme=scheme)
+            boto_kwargs["endpoint_url"] = f"{scheme}://{host}"
+        if connect_timeout is not None:
+            fs_kwargs["connect_timeout"] = connect_timeout
+        if request_timeout is not None:
+            fs_kwargs["request_timeout"] = request_timeout
+        boto_kwargs["_timeouts"] = (connect_timeout, request_timeout)
+        # Our own loop does the retrying (so the policy, the error classes and
+        # the messages are ours); the SDK's internal retries are switched off
+        # to keep the attempt count predictable.
+        fs_kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=0)
+        # Small objects go up as one PutObject instead of a 3-request multipart
+        # upload (both are atomic; one request is fewer chances to fail).
+        fs_kwargs["allow_delayed_open"] = True
+        fs = pafs.S3FileSystem(**fs_kwargs)
+        root = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+        return cls(uri=root, fs=fs, bucket=bucket, prefix=prefix, retry=retry, boto_kwargs=boto_kwargs)
+
+    # ------------------------------------------------------------ properties
+    @property
+    def uri(self) -> str:
+        """Root URI: an absolute local path, or ``s3://bucket[/prefix]``."""
+        return self._uri
+
+    @property
+    def local_path(self) -> Path | None:
+        """The root directory for local stores, ``None`` for S3."""
+        return self._local_root
+
+    @property
+    def is_local(self) -> bool:
+        return self._local_root is not None
+
+    @property
+    def filesystem(self) -> pafs.FileSystem:
+        """The pyarrow filesystem (for Ray Data / pyarrow.dataset); see :meth:`fs_path`."""
+        return self._fs
+
+    def fs_path(self, key: str = "") -> str:
+        """Path of ``key`` inside :attr:`filesystem` (no scheme)."""
+        key = self._check_key(key, allow_empty=True)
+        if self._local_root is not None:
+            return str(self._local_root / key) if key else str(self._local_root)
+        parts = [p for p in (self._bucket, self._prefix, key) if p]
+        return "/".join(parts)
+
+    def __repr__(self) -> str:  # never include credentials
+        return f"Store({self._uri!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_boto_client"] = None  # boto3 clients don't pickle
+        return state
+
+    # ------------------------------------------------------------------ keys
+    @staticmethod
+    def join(*parts: str) -> str:
+        """Join key parts with '/', refusing '..', '.', absolute and empty parts."""
+        segs: list[str] = []
+        for part in parts:
+            if not isinstance(part, str):
+                raise TypeError(f"key part must be str, got {type(part).__name__}")
+            if part.startswith("/") or part.startswith("\\") or re.match(r"^[A-Za-z]:", part):
+                raise ValueError(f"absolute key part not allowed: {part!r}")
+            for seg in part.split("/"):
+                if seg in ("", ".", ".."):
+                    raise ValueError(f"invalid key part {part!r}: empty, '.' or '..' segment")
+                if "\\" in seg or "\x00" in seg:
+                    raise ValueError(f"invalid key part {part!r}: backslash or NUL")
+                segs.append(seg)
+        if not segs:
+            raise ValueError("empty key")
+        return "/".join(segs)
+
+    def _check_key(self, key: str, *, allow_empty: bool = False) -> str:
+        # Trailing '/' is tolerated on prefixes ("subjects/"); a leading one is
+        # an absolute path and is refused by join().
+        key = key.rstrip("/") if isinstance(key, str) and key not in ("/",) else key
+        if allow_empty and key == "":
+            return ""
+        return self.join(key)
+
+    def url(self, key: str) -> str:
+        """Full URI of ``key`` (a local path for local stores)."""
+        key = self._check_key(key, allow_empty=True)
+        if self._local_root is not None:
+            return str(self._local_root / key) if key else str(self._local_root)
+        return f"{self._uri}/{key}" if key else self._uri
+
+    # ---------------------------------------------------------------- retry
+    def _call(self, op: str, key: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` with the retry policy; map errors to clear, key-naming ones."""
+        url = self.url(key) if key else self._uri
+        last: BaseException | None = None
+        attempts = self.retry.attempts if self._local_root is None else 1
+        for attempt in range(attempts):
+            try:
+                return fn()
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"{op}: no such key {url}") from e
+            except BaseException as e:  # noqa: BLE001 - classified below
+                if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                    raise
+                msg = str(e)
+                if not isinstance(e, OSError) and not is_transient_error(e):
+                    raise
+                if _NOT_FOUND_RE.search(msg):
+                    raise FileNotFoundError(f"{op}: no such key {url}") from e
+                if isinstance(e, PermissionError) or _DENIED_RE.search(msg):
+                    raise PermissionError(f"{op}: access denied to {url}") from e
+                if not is_transient_error(e):
+                    raise OSError(f"{op} {url} failed: {msg}") from e
+                last = e
+                if attempt + 1 < attempts:
+                    delay = self.retry.delay(attempt)
+                    log.warning("%s %s: transient error (attempt %d/%d), retrying in %.2fs: %s",
+                                op, url, attempt + 1, attempts, delay, type(e).__name__)
+                    time.sleep(delay)
+        raise OSError(f"{op} {url} failed after {attempts} attempts: {last}") from last
+
+    # ------------------------------------------------------------ bytes I/O
+    def read_bytes(self, key: str) -> bytes:
+        """Whole object as bytes; FileNotFoundError if missing."""
+        key = self._check_key(key)
+        if self._local_root is not None:
+            return self._call("read", key, lambda: (self._local_root / key).read_bytes())  # type: ignore[operator]
+        path = self.fs_path(key)
+
+        def _read() -> bytes:
+            with self._fs.open_input_stream(path) as f:
+                return f.read()
+
+        return self._call("read", key, _read)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Atomically create or replace ``key`` with ``data``."""
+        key = self._check_key(key)
+        data = bytes(data)
+        if self._local_root is not None:
+            self._call("write", key, lambda: _atomic_local_write(self._local_root / key, data))  # type: ignore[operator]
+            return
+        path = self.fs_path(key)
+
+        def _write() -> None:
+            # One PUT (or a multipart upload that becomes visible only when
+            # completed): readers see the old object or the new one, never part.
+            with self._fs.open_output_stream(path, metadata={}) as f:
+                f.write(data)
+
+        self._call("write", key, _write)
+
+    def exists(self, key: str) -> bool:
+        """True if ``key`` is an object (file), not a directory prefix."""
+        key = self._check_key(key)
+        if self._local_root is not None:
+            return (self._local_root / key).is_file()
+        path = self.fs_path(key)
+        return self._call("exists", key, lambda: self._fs.get_file_info(path).type == pafs.FileType.File)
+
+    def list(self, prefix: str = "", recursive: bool = True) -> list[str]:
+        """Sorted keys under the directory ``prefix`` (relative to the store root).
+
+        ``prefix`` names a directory ("subjects/a" lists "subjects/a/..."), not a
+        string prefix.  With ``recursive=False`` only direct children are
+        returned; sub-directories appear with a trailing '/'.  Missing prefix -> [].
+        """
+        prefix = self._check_key(prefix, allow_empty=True)
+        if self._local_root is not None:
+            return self._list_local(prefix, recursive)
+        base = self.fs_path(prefix)
+        root = self.fs_path("")
+
+        def _list() -> list[str]:
+            sel = pafs.FileSelector(base, recursive=recursive, allow_not_found=True)
+            out = []
+            for info in self._fs.get_file_info(sel):
+                rel = info.path[len(root):].lstrip("/")
+                if info.type == pafs.FileType.File:
+                    out.append(rel)
+                elif not recursive and info.type == pafs.FileType.Directory:
+                    out.append(rel + "/")
+            return out
+
+        return sorted(self._call("list", prefix, _list))
+
+    def _list_local(self, prefix: str, recursive: bool) -> list[str]:
+        assert self._local_root is not None
+        base = self._local_root / prefix if prefix else self._local_root
+        if not base.is_dir():
+            return []
+        out: list[str] = []
+        if recursive:
+            for dirpath, _dirs, files in os.walk(base):
+                for name in files:
+                    if not name.startswith(_TMP_PREFIX):
+                        out.append(Path(dirpath, name).relative_to(self._local_root).as_posix())
+        else:
+            for child in base.iterdir():
+                if child.name.startswith(_TMP_PREFIX):
+                    continue
+                rel = child.relative_to(self._local_root).as_posix()
+                out.append(rel + "/" if child.is_dir() else rel)
+        return sorted(out)
+
+    def delete(self, key: str) -> None:
+        """Delete one key (no-op if missing)."""
+        key = self._check_key(key)
+        if self._local_root is not None:
+            (self._local_root / key).unlink(missing_ok=True)
+            return
+        full = "/".join(p for p in (self._prefix, key) if p)
+        # Raw DeleteObject: idempotent, and leaves no directory markers behind.
+        self._call("delete", key, lambda: self._client().delete_object(Bucket=self._bucket, Key=full))
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Delete every key under the directory ``prefix`` (no-op if none)."""
+        prefix = self._check_key(prefix)  # refuses "" so the whole store can't go by accident
+        if self._local_root is not None:
+            import shutil
+
+            target = self._local_root / prefix
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            return
+        # Raw API rather than pyarrow's delete_dir: pyarrow re-creates empty
+        # "parent/" marker objects after deletes, which would litter the layout.
+        full = "/".join(p for p in (self._prefix, prefix) if p) + "/"
+
+        def _delete() -> None:
+            client = self._client()
+            paginator = client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self._bucket, Prefix=full):
+                objs = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                for i in range(0, len(objs), 1000):
+                    resp = client.delete_objects(Bucket=self._bucket,
+                                                 Delete={"Objects": objs[i:i + 1000], "Quiet": True})
+                    if resp.get("Errors"):
+                        first = resp["Errors"][0]
+                        raise OSError(f"delete failed for {first.get('Key')}: {first.get('Code')}")
+
+        self._call("delete", prefix, _delete)
+
+    def _client(self) -> Any:
+        """Lazily built boto3 S3 client with SDK retries off (we retry ourselves)."""
+        if self._boto_client is None:
+            import boto3
+            from botocore.config import Config
+
+            kw = dict(self._boto_kwargs)
+            connect_t, read_t = kw.pop("_timeouts", (None, None))
+            cfg = Config(retries={"total_max_attempts": 1, "mode": "standard"},
+                         connect_timeout=connect_t or 10, read_timeout=read_t or 60,
+                         s3={"addressing_style": "path"} if "endpoint_url" in kw else None)
+            self._boto_client = boto3.client("s3", config=cfg, **kw)
+        return self._boto_client
+
+    # ------------------------------------------------------------ directories
+    def download_dir(self, prefix: str, local_dir: str | os.PathLike[str]) -> Path:
+        """Copy every key under ``prefix`` into ``local_dir`` (same relative layout)."""
+        prefix = self._check_key(prefix)
+        dest = Path(local_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        keys = self.list(prefix)
+        if not keys:
+            raise FileNotFoundError(f"download: nothing under {self.url(prefix)}")
+        for key in keys:
+            rel = key[len(prefix):].lstrip("/")
+            _atomic_local_write(dest / rel, self.read_bytes(key))
+        return dest
+
+    def upload_dir(self, local_dir: str | os.PathLike[str], prefix: str) -> None:
+        """Copy every file under ``local_dir`` to keys under ``prefix``."""
+        prefix = self._check_key(prefix)
+        src = Path(local_dir)
+        if not src.is_dir():
+            raise FileNotFoundError(f"upload: not a directory: {src}")
+        for path in sorted(p for p in src.rglob("*") if p.is_file()):
+            self.write_bytes(self.join(prefix, path.relative_to(src).as_posix()), path.read_bytes())
+
+    # --------------------------------------------------------- JSON / Parquet
+    def read_json(self, key: str) -> Any:
+        return json.loads(self.read_bytes(key).decode("utf-8"))
+
+    def write_json(self, key: str, obj: Any) -> None:
+        # sort_keys: the same object gives the same bytes (reruns are diffable).
+        self.write_bytes(key, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+    def read_table(self, key: str) -> pa.Table:
+        return pq.read_table(pa.BufferReader(self.read_bytes(key)))
+
+    def write_table(self, key: str, table: pa.Table) -> None:
+        # Serialize in memory, then one atomic write_bytes (retries resend the
+        # whole file; Parquet files here are small tables, not datasets).
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        self.write_bytes(key, buf.getvalue())
+
+
+def _atomic_local_write(path: Path, data: bytes) -> None:
+    """Write to a temp file in the target dir, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX)
+    try:
+        # mkstemp creates 0600 files; give the result ordinary permissions.
+        os.chmod(tmp, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX within one filesystem
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
