@@ -9,6 +9,8 @@ import sys
 COMMANDS = [
     "init_model",
     "train",
+    "run",
+    "status",
 ]
 
 
