@@ -11,6 +11,7 @@ COMMANDS = [
     "train",
     "run",
     "status",
+    "demo",
 ]
 
 

@@ -41,11 +41,12 @@ FAULT_ENV = "BLOCKSKIP_FAULT"
 _STAGE_RE = re.compile(r"\[stage=(\w+)\]")
 
 
-class StageError(RuntimeError):
-    """An error inside a subject's worker, tagged with the stage it happened in (precompute/train/sample)."""
+def StageError(stage: str, message: str) -> RuntimeError:  # noqa: N802 (reads like the exception it makes)
+    """An error inside a subject's worker, tagged with the stage it happened in (precompute/train/sample).
 
-    def __init__(self, stage: str, message: str):
-        super().__init__(f"[stage={stage}] {message}")
+    A plain RuntimeError with a "[stage=...]" tag: Ray ships worker errors back by pickling them, and a
+    one-argument built-in exception survives that; the driver reads the tag back with `failure_reason`."""
+    return RuntimeError(f"[stage={stage}] {message}")
 
 
 def failure_reason(exc: BaseException) -> tuple[str, str]:
@@ -57,10 +58,10 @@ def failure_reason(exc: BaseException) -> tuple[str, str]:
         line = text[m.start():].splitlines()[0]
         return stage, line[m.end() - m.start():].strip()[:500]
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in lines:  # a dead worker process: keep Ray's short explanation
-        if "died" in ln or "Error" in ln:
-            return stage, ln[:500]
-    return stage, (lines[0] if lines else type(exc).__name__)[:500]
+    errors = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt): ", ln)]
+    died = [ln for ln in lines if "died" in ln or "exited" in ln]
+    pick = (died or errors or lines or [type(exc).__name__])[0 if died else -1]
+    return stage, pick[:500]
 
 
 def subject_train_spec(job: JobSpec, model_dir: str, subject_id: str, prompt: str, images: str,
@@ -182,9 +183,9 @@ def train_loop(cfg: dict[str, Any]) -> None:
         out = write_outputs(spec, family, trainer, metrics, plan)
         del trainer, transformer
         try:
-            samples = sample_images(spec, device) if spec.num_samples else []
-            if cfg["eval_prompts"]:
-                samples += _eval_images(spec, device, cfg["eval_prompts"])
+            # eval first: sample_images names its files sample_XX.png, the eval ones are renamed eval_XX.png
+            samples = _eval_images(spec, device, cfg["eval_prompts"]) if cfg["eval_prompts"] else []
+            samples += sample_images(spec, device) if spec.num_samples else []
         except Exception as e:
             raise StageError("sample", f"{type(e).__name__}: {e}") from e
         _upload(store, sid, out, samples, metrics)
@@ -193,9 +194,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
 
 
 def _eval_images(spec: TrainSpec, device, prompts: list[str]) -> list[Path]:
-    # sample_images names files sample_XX.png; render eval prompts into a side dir and rename them eval_XX.png.
-    side = TrainSpec(**{**asdict(spec), "optim": spec.optim, "out": spec.out})
-    paths = sample_images(side, device, prompts=prompts)
+    paths = sample_images(spec, device, prompts=prompts)
     out = []
     for i, p in enumerate(paths):
         q = p.with_name(f"eval_{i:02d}.png")
