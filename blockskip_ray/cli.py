@@ -12,6 +12,7 @@ COMMANDS = [
     "run",
     "status",
     "demo",
+    "submit",
 ]
 
 

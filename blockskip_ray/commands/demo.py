@@ -54,17 +54,20 @@ def register(subparsers) -> None:
                     "select, precompute, train them concurrently on local Ray, sample, and print a summary. "
                     "Outputs go to demo-out/ (store: demo-out/store).")
     p.add_argument("--out", default="demo-out", help="directory for the store and scratch files (default demo-out)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override any field of the demo job")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE",
+                   help="override any field of the demo job")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..distributed.jobs import run_job, summary
     from ..distributed.jobspec import load_spec
+    from ._overrides import take_options
 
+    overrides = take_options(args, list(args.overrides), {"out": str})
     data = yaml.safe_load(DEMO_JOB_YAML)
     data["store"], data["work_dir"] = f"{args.out}/store", f"{args.out}/work"
-    job = load_spec(data, list(args.overrides))
+    job = load_spec(data, overrides)
     t0 = time.perf_counter()
     result = run_job(job)
     print(summary(result))

@@ -15,15 +15,18 @@ def register(subparsers) -> None:
         epilog="Overrides use the YAML's keys: train.steps=200 ray.concurrency=4 catalog=cat.jsonl strict=true")
     p.add_argument("job", help="job spec YAML (see jobs/*.yaml and docs/jobs.md)")
     p.add_argument("--store", help="store URI (local path or s3://bucket/prefix); overrides the job's store")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override any job field, nested with dots")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE",
+                   help="override any job field, nested with dots")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..distributed.jobs import run_job, summary
     from ..distributed.jobspec import load_spec
+    from ._overrides import take_options
 
-    overrides = list(args.overrides) + ([f"store={args.store}"] if args.store else [])
+    overrides = take_options(args, list(args.overrides), {"store": str})
+    overrides = overrides + ([f"store={args.store}"] if args.store else [])
     job = load_spec(args.job, overrides)
     result = run_job(job)
     print(summary(result))

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,11 @@ def train_loop(cfg: dict[str, Any]) -> None:
 
     store: Store = cfg["store"]
     sid = cfg["subject_id"]
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:  # forwarded to the driver's console by Ray
+        print(f"[{cfg['job_id']}] {sid}: {msg} (+{time.perf_counter() - t_start:.1f} s)", flush=True)
+
     work = Path(tempfile.mkdtemp(prefix=f"blockskip-{sid}-"))
     try:
         spec = TrainSpec(**{**cfg["spec"], "out": str(work / "out"), "optim": OptimConfig(**cfg["spec"]["optim"]),
@@ -148,8 +154,9 @@ def train_loop(cfg: dict[str, Any]) -> None:
             text, feats = _features(spec, store, images, plan, skip, device, start)
         except Exception as e:
             raise StageError("precompute", f"{type(e).__name__}: {e}") from e
+        log(f"{'resuming at step ' + str(start) if start else 'starting'}: {len(plan)} steps, skip n={skip[0]} "
+            f"m={skip[1]}, device {device}")
         fault = cfg.get("fault")
-        import time
         t0, timed = None, 0
         try:
             for step, f in feats:
@@ -180,6 +187,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
             "resolution": spec.resolution, "steps": spec.steps, "rank": spec.optim.rank, "device": str(device),
             "trainable_params": sum(p.numel() for p in trainer.params), "job_id": cfg["job_id"],
         }
+        log(f"trained: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
         out = write_outputs(spec, family, trainer, metrics, plan)
         del trainer, transformer
         try:
@@ -188,7 +196,9 @@ def train_loop(cfg: dict[str, Any]) -> None:
             samples += sample_images(spec, device) if spec.num_samples else []
         except Exception as e:
             raise StageError("sample", f"{type(e).__name__}: {e}") from e
+        log(f"{len(samples)} sample(s) rendered")
         _upload(store, sid, out, samples, metrics)
+        log("adapter, metrics and samples written to the store")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
