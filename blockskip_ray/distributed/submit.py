@@ -61,20 +61,30 @@ def build_entrypoint(job_yaml: Path, working_dir: Path, store: str | None, overr
 
 
 def submit(job_yaml: str | Path, address: str, store: str | None = None, overrides: list[str] | None = None,
-           working_dir: str | Path | None = None, python: str = "python") -> tuple[str, str]:
+           working_dir: str | Path | None = None, python: str = "python", agent_wait_s: float = 60
+           ) -> tuple[str, str]:
     """Validate, upload, submit; returns (submission_id, entrypoint)."""
     overrides = list(overrides or [])
     job_yaml = Path(job_yaml)
     job = load_spec(job_yaml, overrides + ([f"store={store}"] if store else []))  # fail here, not on the cluster
     wd = Path(working_dir) if working_dir else find_working_dir(job_yaml)
     entrypoint = build_entrypoint(job_yaml, wd, store, overrides, python)
-    sid = client(address).submit_job(
-        entrypoint=entrypoint,
-        submission_id=f"blockskip-{job.job_id}-{uuid.uuid4().hex[:8]}",
-        runtime_env={"working_dir": str(wd.resolve()), "excludes": EXCLUDES},
-        metadata={"blockskip_job_id": job.job_id},
-    )
-    return sid, entrypoint
+    c = client(address)
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            sid = c.submit_job(
+                entrypoint=entrypoint,
+                submission_id=f"blockskip-{job.job_id}-{uuid.uuid4().hex[:8]}",
+                runtime_env={"working_dir": str(wd.resolve()), "excludes": EXCLUDES},
+                metadata={"blockskip_job_id": job.job_id},
+            )
+            return sid, entrypoint
+        except RuntimeError as e:
+            # A head that just started answers 500 until its job agent is up: wait for it, up to agent_wait_s.
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def wait(address: str, submission_id: str, timeout_s: float = 3600, poll_s: float = 2.0,
