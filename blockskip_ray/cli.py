@@ -14,6 +14,9 @@ COMMANDS = [
     "select",
     "eval",
     "precompute",
+    "run",
+    "status",
+    "submit",
     "serve",
 ]
 

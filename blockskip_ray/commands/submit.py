@@ -1,0 +1,43 @@
+"""`blockskip submit JOB.yaml --address http://HEAD:8265 [--store URI] [key=value ...]`."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "submit", help="submit a catalog job to a remote Ray cluster (Ray job server)",
+        description="Submit `blockskip run JOB.yaml` to a Ray cluster through its job server (dashboard address, "
+                    "e.g. http://HEAD:8265). The checkout holding JOB.yaml (or --working-dir) is uploaded as the "
+                    "job's working_dir; relative paths in the job resolve there. The spec and overrides are "
+                    "validated before anything is uploaded.")
+    p.add_argument("job", help="job spec YAML")
+    p.add_argument("--address", help="(required) Ray job server address, e.g. http://HEAD:8265")
+    p.add_argument("--store", help="store URI for the job (overrides the YAML's store)")
+    p.add_argument("--working-dir", help="directory uploaded as the job's working_dir (default: the checkout "
+                                          "holding JOB.yaml, else JOB.yaml's directory)")
+    p.add_argument("--python", default="python", help="python on the cluster's PATH that runs the job (default python)")
+    p.add_argument("--wait", action="store_true", help="wait for the job to end and print its logs; exit 1 unless it "
+                                                        "SUCCEEDED")
+    p.add_argument("--timeout", type=float, default=24 * 3600, help="with --wait: give up after this many seconds")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE",
+                   help="override any job field, nested with dots")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..distributed.submit import logs, submit, wait
+    from ._overrides import take_options
+
+    args.overrides = take_options(args, list(args.overrides), {
+        "address": str, "store": str, "working_dir": str, "python": str, "wait": None, "timeout": float})
+    if not args.address:
+        raise ValueError("--address is required (the Ray job server, e.g. http://HEAD:8265)")
+    sid, entrypoint = submit(args.job, args.address, args.store, list(args.overrides), args.working_dir, args.python)
+    print(f"submitted {sid}: {entrypoint}")
+    print(f"follow: ray job logs --address {args.address} --follow {sid}")
+    if not args.wait:
+        return 0
+    status = wait(args.address, sid, timeout_s=args.timeout)
+    print(logs(args.address, sid))
+    return 0 if status == "SUCCEEDED" else 1

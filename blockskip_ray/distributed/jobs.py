@@ -1,0 +1,290 @@
+"""`blockskip run`: a catalog job on the current Ray cluster (or a local one it starts).
+
+    validate catalog -> status table -> selection (once per model) -> precompute -> Ray Train run per subject
+    (C at once, fractional GPUs) -> adapter + metrics + samples in the store -> summary
+
+The driver is the single writer of `jobs/{job_id}/status.parquet` (store.JobStatus); workers write only their
+subject's artifacts. Rerunning a job continues it: succeeded subjects whose adapter is in the store are left
+alone, the others run again and Ray Train hands them their last persisted checkpoint (see training.py).
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..method.catalog import Subject, load_catalog
+from ..store import ADAPTER_FILE, JobStatus, Store, validate_id
+from ..store.status import STATES, utc_now
+from .jobspec import JobSpec
+
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class JobResult:
+    job_id: str
+    succeeded: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # subject/row key -> reason
+    skipped: list[str] = field(default_factory=list)
+    metrics: dict[str, dict] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def resolve_model(job: JobSpec, log: Log = _stderr) -> str:
+    """A local pipeline dir: `tiny:flux` / `tiny:sana` are built into work_dir once (the embedded default)."""
+    if job.model.startswith("tiny:"):
+        family = job.model.split(":", 1)[1]
+        if family not in ("flux", "sana"):
+            raise ValueError(f"model {job.model!r}: expected tiny:flux or tiny:sana")
+        out = Path(job.work_dir) / "models" / f"tiny-{family}"
+        if not (out / "model_index.json").is_file():
+            from ..models.tiny import init_model
+            log(f"building the tiny {family} model into {out}")
+            init_model(family, out)
+        return str(out.resolve())
+    if "://" in job.model:
+        raise ValueError(f"model {job.model!r}: give a local diffusers pipeline directory (on every node)")
+    if not (Path(job.model) / "model_index.json").is_file():
+        raise FileNotFoundError(f"model {job.model}: no model_index.json (not a diffusers pipeline directory)")
+    return str(Path(job.model).resolve())
+
+
+def resolve_catalog(job: JobSpec, log: Log = _stderr) -> str:
+    """The catalog file; `synthetic:N` writes N synthetic subjects (toy robots) + catalog.jsonl into work_dir."""
+    assert job.catalog is not None
+    if not job.catalog.startswith("synthetic:"):
+        return job.catalog
+    import json
+
+    from ..method.images import make_synthetic_subject
+    n = int(job.catalog.split(":", 1)[1])
+    root = Path(job.work_dir) / "catalog"
+    rows = []
+    for i in range(n):
+        sid = f"toy-{i + 1}"
+        if not (root / sid).is_dir():
+            make_synthetic_subject(root / sid, n=4, size=128, seed=i)
+        rows.append({"id": sid, "images": sid, "prompt": f"a photo of sks{i + 1} toy", "class": "toy",
+                     "eval_prompts": [f"a photo of sks{i + 1} toy on a beach"]})
+    path = root / "catalog.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log(f"synthetic catalog of {n} subjects at {path}")
+    return str(path)
+
+
+def error_key(row: int, raw_id: str | None, taken: set[str]) -> str:
+    """The status-table key of a bad catalog row: its id when valid and unused, else `row-{n}`."""
+    try:
+        if raw_id is not None and raw_id not in taken:
+            return validate_id(raw_id)
+    except ValueError:
+        pass
+    return f"row-{row}"
+
+
+def validate_catalog(job: JobSpec, status: JobStatus, catalog_path: str, log: Log = _stderr
+                     ) -> tuple[list[Subject], dict[str, str]]:
+    """load_catalog + record every bad row as failed (stage validate). --strict refuses the job first."""
+    valid, errors = load_catalog(catalog_path)
+    if errors and job.strict:
+        lines = "; ".join(f"row {r} ({i!r}): {why}" for r, i, why in errors[:10])
+        raise ValueError(f"catalog {catalog_path}: {len(errors)} invalid row(s) and strict=true: {lines}")
+    taken = {s.id for s in valid}
+    failed: dict[str, str] = {}
+    rows = []
+    now = utc_now()
+    for r, raw_id, why in errors:
+        key = error_key(r, raw_id, taken)
+        taken.add(key)
+        reason = f"catalog row {r}" + (f" (id {raw_id!r})" if raw_id is not None else "") + f": {why}"
+        failed[key] = reason
+        rows.append({"subject_id": key, "stage": "validate", "state": "failed", "error": reason,
+                     "started_at": now, "finished_at": now})
+        log(f"[{job.job_id}] {key}: failed at validate: {reason}")
+    if rows:
+        status.set_many(rows)
+    log(f"[{job.job_id}] catalog: {len(valid)} valid subject(s), {len(errors)} invalid row(s)")
+    return valid, failed
+
+
+# ---------------------------------------------------------------------------------------------- stages
+def selection_lookup(job: JobSpec, store: Store, model_dir: str, log: Log = _stderr):
+    """lookup(ratio) -> (n, m) | None from the model's selection table; runs the probes when it is missing.
+
+    The probe pipeline lives in blockskip_ray.probe.selection / distributed.probes (branch `probe`); when it is
+    not installed, or the job says selection.enabled=false, the default split is used and that is logged."""
+    if not job.selection.enabled:
+        log(f"[{job.job_id}] selection: disabled in the job (selection.enabled=false); default split")
+        return None
+    try:
+        from ..probe.selection import lookup_for
+    except ImportError:
+        log(f"[{job.job_id}] selection: probe pipeline not available in this build; default split")
+        return None
+    lookup = lookup_for(store, model_dir)
+    if lookup is None:
+        from .probes import run_selection  # the probe branch's Ray entry point
+        log(f"[{job.job_id}] selection: no table for this model yet; running the masking probes")
+        run_selection(model_dir, store, job.selection.skip_ratios, **job.selection.options)
+        lookup = lookup_for(store, model_dir)
+    return lookup
+
+
+def resolve_skip_plan(job: JobSpec, model_dir: str, lookup, log: Log = _stderr) -> tuple[int, int]:
+    from ..method.personalize import TrainSpec, num_blocks, resolve_skip
+    t = job.train
+    probe = TrainSpec(model=model_dir, images="", prompt="", out="", mode=t.mode,
+                      skip=tuple(t.skip) if t.skip is not None else None,
+                      skip_ratio=None if t.skip is not None else t.skip_ratio)
+    return resolve_skip(probe, num_blocks(model_dir), lookup, log=lambda m: log(f"[{job.job_id}] {m}"))
+
+
+def precompute_stage(job: JobSpec, store: Store, model_dir: str, subjects: list[Subject], skip, log: Log) -> None:
+    """Ray Data precompute of every subject's features into the store (branch `precompute`), when installed.
+
+    Without it each training worker computes its subject's features itself (identical values, fp32)."""
+    try:
+        from .precompute import precompute_subjects
+    except ImportError:
+        log(f"[{job.job_id}] precompute: Ray Data pipeline not available in this build; "
+            "each training worker computes its own features")
+        return
+    precompute_subjects(job, store, model_dir, subjects, skip, **job.precompute)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+class Progress:
+    """One line per subject state change, with the running counts."""
+
+    def __init__(self, job_id: str, status: JobStatus, log: Log):
+        self.job_id, self.status, self.log = job_id, status, log
+        self.lock = threading.Lock()
+
+    def set(self, sid: str, **fields: Any) -> None:
+        with self.lock:
+            row = self.status.update(sid, **fields)
+            counts = {s: 0 for s in STATES}
+            for r in self.status.read():
+                counts[r["state"]] += 1
+            tail = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+            why = f": {row['error']}" if row["state"] == "failed" and row["error"] else ""
+            self.log(f"[{self.job_id}] {sid}: {row['state']} ({row['stage']}){why}  [{tail}]")
+
+
+def init_ray(job: JobSpec, log: Log = _stderr) -> None:
+    import ray
+    if ray.is_initialized():
+        return
+    if job.ray.address:
+        try:
+            ray.init(address=job.ray.address, log_to_driver=True)
+            log(f"[{job.job_id}] joined the Ray cluster at {job.ray.address}")
+            return
+        except ConnectionError:
+            if job.ray.address != "auto":
+                raise
+    ray.init(num_cpus=job.ray.num_cpus, include_dashboard=False)
+    log(f"[{job.job_id}] no Ray cluster running: started a local one ({ray.cluster_resources().get('CPU')} CPUs)")
+
+
+def run_job(job: JobSpec, log: Log = _stderr) -> JobResult:
+    from .training import failure_reason, fit_subject, subject_train_spec
+
+    t0 = time.perf_counter()
+    store = Store.open(job.store)
+    status = JobStatus(store, job.job_id)
+    result = JobResult(job.job_id)
+    model_dir = resolve_model(job, log)
+    if job.catalog is None:  # a selection-only job
+        init_ray(job, log)
+        lookup = selection_lookup(job, store, model_dir, log)
+        for ratio in job.selection.skip_ratios:
+            log(f"[{job.job_id}] skip ratio {ratio}: split {lookup(ratio) if lookup else 'n/a (no table)'}")
+        result.wall_s = time.perf_counter() - t0
+        return result
+    subjects, result.failed = validate_catalog(job, status, resolve_catalog(job, log), log)
+    previous = {r["subject_id"]: r for r in status.read()}
+    progress = Progress(job.job_id, status, log)
+    todo: list[Subject] = []
+    for s in subjects:
+        has_adapter = store.exists(f"subjects/{s.id}/adapter/{ADAPTER_FILE}")
+        prev = previous.get(s.id)
+        if prev and prev["state"] in ("succeeded", "skipped") and has_adapter:
+            log(f"[{job.job_id}] {s.id}: already {prev['state']} in this job; left as is")
+            result.skipped.append(s.id)
+        elif has_adapter and not prev and not job.overwrite:
+            progress.set(s.id, stage="done", state="skipped", error="adapter already in the store (overwrite=false)",
+                         started_at=None, finished_at=utc_now())
+            result.skipped.append(s.id)
+        else:
+            if not prev or prev["state"] != "failed" or prev["stage"] != "validate":
+                status.update(s.id, state="pending", stage=(prev or {}).get("stage") or "queued", error=None)
+            todo.append(s)
+    if todo:
+        init_ray(job, log)
+        skip = resolve_skip_plan(job, model_dir, selection_lookup(job, store, model_dir, log), log)
+        precompute_stage(job, store, model_dir, todo, skip, log)
+
+        def one(s: Subject) -> None:
+            prev = status.read()
+            attempts = next((r["attempts"] for r in prev if r["subject_id"] == s.id), 0) + 1
+            progress.set(s.id, stage="train", state="running", error=None, attempts=attempts,
+                         started_at=utc_now(), finished_at=None)
+            spec = subject_train_spec(job, model_dir, s.id, s.prompt, "", skip, out="")
+            try:
+                metrics = fit_subject(job, store, s.id, spec, s.to_json()["images"], list(s.eval_prompts))
+            except Exception as e:  # isolate: this subject fails, the others go on
+                stage, reason = failure_reason(e)
+                progress.set(s.id, stage=stage, state="failed", error=reason, finished_at=utc_now())
+                result.failed[s.id] = reason
+                return
+            progress.set(s.id, stage="done", state="succeeded", error=None, finished_at=utc_now())
+            result.succeeded.append(s.id)
+            result.metrics[s.id] = metrics
+
+        with ThreadPoolExecutor(max_workers=job.ray.concurrency, thread_name_prefix="subject") as pool:
+            list(pool.map(one, todo))
+    for sid in result.skipped:
+        try:
+            result.metrics[sid] = store.read_json(f"subjects/{sid}/metrics.json")
+        except FileNotFoundError:
+            pass
+    result.wall_s = time.perf_counter() - t0
+    return result
+
+
+def summary(result: JobResult) -> str:
+    """Per subject: loss first -> last, steps/s, peak memory, skip plan, adapter and samples."""
+    lines = [f"job {result.job_id}: {len(result.succeeded)} succeeded, {len(result.skipped)} skipped, "
+             f"{len(result.failed)} failed in {result.wall_s:.1f} s"]
+    for sid, m in sorted(result.metrics.items()):
+        loss = m.get("loss") or [float("nan")]
+        sps = m.get("steps_per_s")
+        lines.append(f"  {sid}: loss {loss[0]:.4f} -> {loss[-1]:.4f} over {len(loss)} steps, "
+                     f"{'n/a' if sps is None else f'{sps:.2f}'} steps/s, peak {m.get('peak_memory_bytes', 0) / 2**20:.0f} MiB "
+                     f"({m.get('peak_memory_kind')}), skip n={m['skip'][0]} m={m['skip'][1]} "
+                     f"(blocks {m['kept_blocks'][0]}..{m['kept_blocks'][1]} of {m['num_blocks']} trained)")
+        lines.append(f"    adapter {m.get('adapter')}")
+        for p in m.get("samples", []):
+            lines.append(f"    sample  {p}")
+    for sid, why in sorted(result.failed.items()):
+        lines.append(f"  {sid}: FAILED: {why}")
+    return "\n".join(lines)
+
+
+__all__ = ["run_job", "JobResult", "summary", "validate_catalog", "resolve_model", "resolve_catalog",
+           "selection_lookup", "init_ray", "error_key"]
