@@ -55,13 +55,6 @@ def test_unknown_yaml_key_and_every_job_file_parses(tmp_path):
         assert isinstance(load_spec(path), JobSpec)
 
 
-def test_demo_yaml_is_embedded_verbatim():
-    from blockskip_ray.commands.demo import DEMO_JOB_YAML
-    assert (ROOT / "jobs/demo-tiny.yaml").read_text() == DEMO_JOB_YAML
-
-
-# ------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
 def ray_local():
     import ray
     ray.init(num_cpus=2, include_dashboard=False)
