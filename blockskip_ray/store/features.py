@@ -276,7 +276,7 @@ class FeatureReader:
             raise ValueError(f"feature index {store.url(self.prefix)}/{INDEX_FILE} does not match {COMMIT_FILE}")
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(pa.BufferReader(index_bytes)).to_pylist()
+        rows = pq.read_table(pa.BufferReader(index_bytes), use_threads=False).to_pylist()
         self._rows: dict[int, list[dict[str, Any]]] = {}
         for r in rows:
             self._rows.setdefault(r["step"], []).append(r)

@@ -498,7 +498,7 @@ class Store:
         self.write_bytes(key, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
     def read_table(self, key: str) -> pa.Table:
-        return pq.read_table(pa.BufferReader(self.read_bytes(key)))
+        return pq.read_table(pa.BufferReader(self.read_bytes(key)), use_threads=False)
 
     def write_table(self, key: str, table: pa.Table) -> None:
         # Serialize in memory, then one atomic write_bytes (retries resend the
