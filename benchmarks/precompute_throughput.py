@@ -60,7 +60,7 @@ def main() -> None:
     server.start()
     endpoint = "http://%s:%d" % server.get_host_and_port()
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     rows = []
     total = args.subjects * args.steps
     for conc in (1, 2):

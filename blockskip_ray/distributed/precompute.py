@@ -156,7 +156,21 @@ def run_precompute(store: Store, subjects: list[Subject], cfg: PrecomputeConfig,
         return results
 
     ctx = ray.data.DataContext.get_current()
+    previous = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # the writer needs each subject's steps in order
+    try:
+        _compute_and_write(store, rows, plans, metas, cfg, results, on_step, log)
+    finally:  # do not leak the setting into the caller's other datasets
+        ctx.execution_options.preserve_order = previous
+    missing = [sid for sid in plans if sid not in results]
+    if missing:  # cannot happen unless Ray dropped rows; never report success for them
+        raise RuntimeError(f"precompute returned no features for {missing}")
+    return results
+
+
+def _compute_and_write(store: Store, rows: list[dict], plans: dict[str, list[dict]], metas: dict[str, dict],
+                       cfg: PrecomputeConfig, results: dict[str, dict], on_step: Callable[[str, int], None] | None,
+                       log: Callable[[str], None]) -> None:
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // cfg.batch_size, 64)))
     ds = ds.map_batches(FeatureActor, fn_constructor_args=(cfg,), batch_size=cfg.batch_size,
                         concurrency=cfg.concurrency, num_gpus=cfg.num_gpus or None,
@@ -180,7 +194,3 @@ def run_precompute(store: Store, subjects: list[Subject], cfg: PrecomputeConfig,
                         "seconds": dt}
         log(f"precompute {sid}: {marker['num_steps']} steps, {marker['num_shards']} shard(s), "
             f"{cfg.feature_dtype}, committed ({dt:.1f} s)")
-    missing = [sid for sid in plans if sid not in results]
-    if missing:  # cannot happen unless Ray dropped rows; never report success for them
-        raise RuntimeError(f"precompute returned no features for {missing}")
-    return results

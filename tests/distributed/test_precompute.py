@@ -18,7 +18,7 @@ from blockskip_ray.models.loading import load_pipeline
 from blockskip_ray.store import Store
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-STEPS = 5
+STEPS = 4
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_crash_mid_subject_then_rerun_is_byte_identical(world, reference, tmp_pa
     store = Store.open(str(tmp_path / "store"))
 
     def crash(sid: str, step: int) -> None:
-        if sid == "toy-b" and step == 3:
+        if sid == "toy-b" and step == 2:
             raise RuntimeError("injected crash")
 
     with pytest.raises(RuntimeError, match="injected crash"):
