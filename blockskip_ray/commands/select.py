@@ -65,7 +65,10 @@ def run(args: argparse.Namespace) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     ratios = _floats(args.skip_ratios, "--skip-ratios")
-    seeds = [int(s) for s in _floats(args.seeds, "--seeds")]
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     key, n_blocks = model_key(args.model), num_blocks_of(args.model)
     plan = make_plan(n_blocks, ratios, args.window)  # bad ratios / window fail here, before Ray starts
     defaults = generation_defaults(args.model)

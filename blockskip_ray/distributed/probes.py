@@ -94,6 +94,11 @@ def _finetune_task(model: str, name: str, images: dict[str, bytes], prompt: str,
         return adapter_files(out / "adapter")
 
 
+def task_options(cfg: ProbeConfig) -> dict:
+    """Every probe task: its resources, and retries on worker death *and* on exceptions (a flaky GPU/node)."""
+    return dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_retries=cfg.max_retries, retry_exceptions=True)
+
+
 def check_subjects(subjects: list[ProbeSubject]) -> None:
     if not subjects:
         raise ValueError("no probe subjects")
@@ -126,7 +131,7 @@ def run_probe(cfg: ProbeConfig, num_blocks: int, log: Callable[[str], None] = pr
     if not cfg.prompts or not cfg.seeds:
         raise ValueError("give at least one prompt and one seed")
     t0 = time.monotonic()
-    opts = dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_retries=cfg.max_retries, retry_exceptions=True)
+    opts = task_options(cfg)
     adapters: dict[str, object] = {s.name: None for s in cfg.subjects}
     if cfg.finetune_steps:
         ft = ray.remote(_finetune_task).options(**opts)

@@ -45,10 +45,7 @@ def test_eval_writes_table(env, tmp_path, capsys):
     printed = capsys.readouterr().out
     mean = sum(r["dino"] for r in t) / 4
     assert f"{mean:7.4f}" in printed.splitlines()[-2]
-    # the adapter is really applied: the base model scores differently on the same seeds
-    assert eval_cmd.run(_args(env, tmp_path / "base.parquet", adapter=None)) == 0
-    base = pq.read_table(tmp_path / "base.parquet").to_pylist()
-    assert [r["dino"] for r in base] != [r["dino"] for r in t]
+    # that the adapter changes the generations is checked on ProbeWorker below (same load path)
 
 
 def test_eval_bad_input(env, tmp_path):

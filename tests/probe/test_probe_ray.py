@@ -96,3 +96,23 @@ def test_table_for_another_block_count_is_refused(env, tmp_path):
     write_selection(str(tmp_path), {"model_key": key, "num_blocks": 57, "table": {"0.3": [8, 9]}})
     with pytest.raises(ValueError, match="57 blocks"):
         lookup_for(str(tmp_path), env["model"])
+
+
+def test_probe_tasks_are_retried(env, tmp_path):
+    from blockskip_ray.distributed.probes import _wait, task_options
+
+    def _flaky(marker: str, x: int) -> int:  # local: pickled by value (workers cannot import test modules)
+        from pathlib import Path
+
+        if not Path(marker).exists():  # the first attempt fails, the retry succeeds
+            Path(marker).touch()
+            raise RuntimeError("transient failure")
+        return 2 * x
+
+    opts = task_options(ProbeConfig(model="m", subjects=[], ratios=[0.3], max_retries=1))
+    refs = [ray.remote(_flaky).options(**opts).remote(str(tmp_path / "marker"), 21)]
+    assert _wait(refs, "flaky", lambda s: None) == [42]
+    opts["max_retries"] = 0
+    refs = [ray.remote(_flaky).options(**opts).remote(str(tmp_path / "marker2"), 1)]
+    with pytest.raises(Exception, match="transient failure"):
+        _wait(refs, "flaky", lambda s: None)
