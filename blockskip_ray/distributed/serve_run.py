@@ -89,8 +89,10 @@ def serve_and_request(model: str | Path, store: str | Path, adapters: list[str],
     """Start the service, request one image per adapter over HTTP, save `out_dir/{adapter}.png`, shut down."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    args = {"model": str(model), "store": str(store) if "://" in str(store) else os.path.abspath(store), "num_cpus": 1, "default_side": size,
-            "min_side": min(64, size), "default_steps": steps, "max_steps": max(50, steps)}
+    store_uri = str(store) if "://" in str(store) else os.path.abspath(store)
+    args = {"model": os.path.abspath(model), "store": store_uri, "num_cpus": 1, "default_side": size,
+            "min_side": min(64, size), "max_side": max(1024, size), "default_steps": steps,
+            "max_steps": max(50, steps)}
     paths = []
     # A private local Ray unless RAY_ADDRESS names one: the demo must not deploy onto a stranger's cluster.
     address = os.environ.get("RAY_ADDRESS", "local")
