@@ -147,7 +147,9 @@ def generate_image(pipe, job: Job):
 
 
 def pick_device_dtype(device: str = "auto") -> tuple[torch.device, torch.dtype]:
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
     return dev, (torch.bfloat16 if dev.type == "cuda" else torch.float32)
 
 

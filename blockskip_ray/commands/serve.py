@@ -49,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
     model_family(args.model)  # a clear error now rather than a failed replica later
     num_gpus = args.num_gpus if args.num_gpus is not None else (1.0 if torch.cuda.is_available() and args.device != "cpu" else 0.0)
     app_args = {
-        "model": os.path.abspath(args.model), "store": args.store if "://" in args.store else os.path.abspath(args.store), "device": args.device, "token": args.token,
+        "model": os.path.abspath(args.model), "device": args.device, "token": args.token,
+        # Replicas may run in another working directory: a local store path must be absolute.
+        "store": args.store if "://" in args.store else os.path.abspath(args.store),
         "cache_size": args.cache_size, "num_replicas": args.replicas, "num_gpus": num_gpus,
         "max_ongoing": args.max_ongoing, "max_queued": args.max_queued, "max_steps": args.max_steps,
         "default_steps": args.default_steps, "min_side": args.min_side, "max_side": args.max_side,

@@ -10,7 +10,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,16 +32,23 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @contextmanager
 def running_app(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000,
-                num_cpus: int | None = None) -> Iterator[str]:
-    """Deploy the app (starting a local Ray when none is reachable) and yield its base URL; always clean up."""
+                num_cpus: int | None = None, ray_address: str | None = None,
+                after_init: Callable[[], None] | None = None) -> Iterator[str]:
+    """Deploy the app and yield its base URL; always clean up (Serve, and Ray when this started it).
+
+    Uses the Ray this process is already connected to, else `ray_address` (default $RAY_ADDRESS; None lets
+    Ray find a cluster running on this machine or start a local one; "local" always starts a private one).
+    """
     app = build_app(args)  # validate arguments before starting anything
     started_ray = False
     if not ray.is_initialized():
-        # Connect to a running cluster if RAY_ADDRESS says so; otherwise start a private local one.
-        ray.init(address=os.environ.get("RAY_ADDRESS"), num_cpus=num_cpus, include_dashboard=False,
-                 log_to_driver=False)
+        address = ray_address or os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, num_cpus=num_cpus if address in (None, "local") else None,
+                 include_dashboard=False, log_to_driver=False)
         started_ray = True
     try:
+        if after_init is not None:
+            after_init()
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         yield f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
@@ -52,15 +59,23 @@ def running_app(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000,
 
 
 def run_server(args: dict[str, Any], host: str, port: int) -> int:
-    """Serve until SIGINT or SIGTERM, then shut down cleanly."""
+    """Serve until SIGINT or SIGTERM, then shut down Serve and Ray cleanly."""
     stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous: dict[int, Any] = {}
+
+    def handle_signals() -> None:
+        # After ray.init: Ray's core worker installs its own SIGTERM handler (it aborts the driver, leaving
+        # the cluster to die on its own); ours replaces it so shutdown goes through serve/ray.shutdown.
+        for s in (signal.SIGINT, signal.SIGTERM):
+            previous[s] = signal.signal(s, lambda *_: stop.set())
+
     try:
-        with running_app(args, host, port) as url:
+        with running_app(args, host, port, after_init=handle_signals) as url:
             auth = "on (Authorization: Bearer ...)" if (args.get("token") or os.environ.get(TOKEN_ENV)) else "off"
             print(f"serving {url}  (POST /v1/images, GET /v1/adapters, GET /healthz, docs at {url}/docs; "
                   f"auth {auth}); Ctrl-C to stop", flush=True)
-            stop.wait()
+            while not stop.wait(0.5):
+                pass
             print("shutting down", flush=True)
     finally:
         for s, h in previous.items():
@@ -74,10 +89,15 @@ def serve_and_request(model: str | Path, store: str | Path, adapters: list[str],
     """Start the service, request one image per adapter over HTTP, save `out_dir/{adapter}.png`, shut down."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    args = {"model": str(model), "store": str(store) if "://" in str(store) else os.path.abspath(store), "num_cpus": 1, "default_side": size,
-            "min_side": min(64, size), "default_steps": steps, "max_steps": max(50, steps)}
+    store_uri = str(store) if "://" in str(store) else os.path.abspath(store)
+    args = {"model": os.path.abspath(model), "store": store_uri, "num_cpus": 1, "default_side": size,
+            "min_side": min(64, size), "max_side": max(1024, size), "default_steps": steps,
+            "max_steps": max(50, steps)}
     paths = []
-    with running_app(args, port=free_port()) as url, httpx.Client(base_url=url, timeout=timeout_s) as client:
+    # A private local Ray unless RAY_ADDRESS names one: the demo must not deploy onto a stranger's cluster.
+    address = os.environ.get("RAY_ADDRESS", "local")
+    with running_app(args, port=free_port(), ray_address=address) as url, \
+            httpx.Client(base_url=url, timeout=timeout_s) as client:
         headers = {"Authorization": f"Bearer {os.environ[TOKEN_ENV]}"} if os.environ.get(TOKEN_ENV) else {}
         for adapter in adapters:
             r = client.post("/v1/images", json={"adapter": adapter, "prompt": prompt, "seed": seed},

@@ -27,6 +27,7 @@ PROMPT = "a photo of sks toy"
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     model, store = build_tiny_adapter_store(root, IDS)
+    # address="local": a private cluster even when another Ray runs on this machine.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     args = {"model": str(model), "store": str(store), "token": TOKEN, "cache_size": 2, "max_ongoing": 2,
             "max_queued": 4, "num_cpus": 1, "default_steps": 3, "max_steps": 40, "min_side": 32,
