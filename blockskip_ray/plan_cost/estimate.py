@@ -230,6 +230,8 @@ def estimate(spec: EstimateSpec) -> dict[str, Any]:
             warm_optimizer(trainer)
         mem, flops = LiveMemory(), FlopCounterMode(display=False)
         mem.register_trainer(trainer.t, trainer.params, trainer.opt)
+        fwd: list[int] = []
+        mem.on_backward = lambda: fwd.append(flops.get_total_flops())
         try:
             with mem, flops, reads:
                 trainer.train_step(pr.text, pr.feats)
@@ -245,6 +247,7 @@ def estimate(spec: EstimateSpec) -> dict[str, Any]:
         "breakdown_gib": {k: mem.peak_split[k] / GIB for k in CATEGORIES},
         "peak_memory_bytes": mem.peak,
         "tflops_per_step": flops.get_total_flops() / 1e12,
+        "tflops_forward": (fwd[0] if fwd else flops.get_total_flops()) / 1e12,
         "trainable_params": sum(p.numel() for p in trainer.params),
         "frozen_params": sum(p.numel() for p in trainer.t.parameters() if not p.requires_grad),
         "weight_dtype": "bfloat16" if spec.target == "cuda" else "float32",

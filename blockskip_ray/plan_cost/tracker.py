@@ -37,6 +37,7 @@ class LiveMemory(TorchDispatchMode):
         self.peak_split = dict(self.totals)
         self.backward_started = False
         self._hooks: list[Any] = []
+        self.on_backward: Any = None  # called once, when the autograd engine runs its first op
 
     # -- registration of what exists before the step ------------------------------------------------
     def register(self, t: torch.Tensor, category: str) -> None:
@@ -95,6 +96,8 @@ class LiveMemory(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if not self.backward_started and torch._C._current_graph_task_id() != -1:
             self.backward_started = True  # the autograd engine is running: everything from here is backward+
+            if self.on_backward is not None:
+                self.on_backward()
         category = "transient" if self.backward_started else "activations"
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.layout == torch.strided:
