@@ -55,9 +55,11 @@ def test_unknown_yaml_key_and_every_job_file_parses(tmp_path):
         assert isinstance(load_spec(path), JobSpec)
 
 
+# ------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
 def ray_local():
     import ray
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 
