@@ -74,9 +74,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"no valid subject in {args.catalog}")
     store = Store.open(args.store, endpoint_url=args.endpoint_url)
 
-    import ray
-
     from ..distributed.precompute import PrecomputeConfig, run_precompute
+    from ..distributed.probes import ensure_ray
 
     cfg = PrecomputeConfig(model=args.model, skip=skip, mode=args.mode, steps=args.steps, resolution=args.resolution,
                            s_max=args.s_max, seed=args.seed, max_text_tokens=args.max_text_tokens,
@@ -84,8 +83,7 @@ def run(args: argparse.Namespace) -> int:
                            concurrency=args.concurrency, batch_size=args.batch_size, endpoint_url=args.endpoint_url)
     print(f"precompute: {len(subjects)} subject(s), skip n={skip[0]} m={skip[1]}, {args.steps} steps, "
           f"{args.feature_dtype} -> {store.uri}", file=sys.stderr)
-    if not ray.is_initialized():
-        ray.init(address=args.address, log_to_driver=False)
+    ensure_ray(log=lambda m: print(m, file=sys.stderr), address=args.address or "auto")
     results = run_precompute(store, subjects, cfg, overwrite=args.overwrite)
     for row, sid, reason in errors:
         results[sid or f"row-{row}"] = {"state": "failed", "error": f"catalog row {row}: {reason}"}
