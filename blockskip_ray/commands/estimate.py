@@ -59,10 +59,12 @@ def format_table(r: dict) -> str:
         f"skip n={r['skip'][0]} m={r['skip'][1]} (blocks {r['kept_blocks'][0]}..{r['kept_blocks'][1]} of "
         f"{r['num_blocks']} kept), rank {r['rank']}, batch {r['batch_size']}, text {r['text_tokens']} tokens, "
         f"gradient checkpointing {'on' if r['gradient_checkpointing'] else 'off'}, modeled run: {r['target']}",
-        f"{'peak memory':<22}{r['peak_memory_gib']:>10.2f} GiB",
     ]
-    lines += [f"  {k:<20}{v:>10.2f} GiB" for k, v in r["breakdown_gib"].items()]
-    lines += [f"{'TFLOPs per step':<22}{r['tflops_per_step']:>10.2f}",
+    # tiny configs are MiB-sized: print them in MiB rather than as a column of 0.00 GiB
+    unit, scale = ("GiB", 1) if r["peak_memory_gib"] >= 1 else ("MiB", 1024)
+    lines.append(f"{'peak memory':<22}{r['peak_memory_gib'] * scale:>10.2f} {unit}")
+    lines += [f"  {k:<20}{v * scale:>10.2f} {unit}" for k, v in r["breakdown_gib"].items()]
+    lines += [f"{'TFLOPs per step':<22}{r['tflops_per_step']:>10.4g}  (forward {r['tflops_forward']:.4g})",
               f"{'trainable params':<22}{r['trainable_params']:>10,d}",
               f"(traced in {r['trace_seconds']:.1f} s)"]
     return "\n".join(lines)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..method.modes import check_skip, default_split, get_mode
+from ..method.modes import get_mode
 from ..method.trainer import OptimConfig, SkipTrainer
 from ..models.configs import TRANSFORMER_CONFIGS, named_config
 from ..models.loading import strip_blocks
@@ -61,7 +61,8 @@ def model_config(model: str) -> tuple[str, dict[str, Any], int]:
     """(family, transformer config, VAE scale factor) for a config name or a diffusers directory."""
     if model in TRANSFORMER_CONFIGS:
         family, cfg = named_config(model)
-        vae = 8 if family == "flux" else (32 if "tiny" not in model else 4)
+        # VAE downsampling: FLUX 8 (tiny too), SANA's DC-AE 32; models/tiny.py builds SANA-tiny with 4
+        vae = 8 if family == "flux" else (4 if model == "sana-tiny" else 32)
         return family, cfg, vae
     from ..models.loading import model_family, vae_scale_factor
 
@@ -74,17 +75,13 @@ def model_config(model: str) -> tuple[str, dict[str, Any], int]:
 
 
 def resolve_skip(spec: EstimateSpec, num_blocks: int) -> tuple[int, int]:
-    """The same rules as `blockskip train` (personalize.resolve_skip) without a selection table."""
-    mode = get_mode(spec.mode)
-    if spec.skip is not None and spec.skip_ratio is not None:
-        raise ValueError("give either --skip or --skip-ratio, not both")
-    if not mode.skips:
-        if spec.skip not in (None, (0, 0)) or spec.skip_ratio:
-            raise ValueError(f"--mode {spec.mode} trains every block: --skip / --skip-ratio do not apply")
-        return 0, 0
-    if spec.skip is not None:
-        return check_skip(spec.skip, num_blocks)
-    return check_skip(default_split(0.3 if spec.skip_ratio is None else spec.skip_ratio, num_blocks), num_blocks)
+    """`blockskip train`'s own rules (personalize.resolve_skip), without a selection table."""
+    from ..method.personalize import TrainSpec
+    from ..method.personalize import resolve_skip as train_resolve_skip
+
+    ts = TrainSpec(model=spec.model, images="", prompt="", out="", skip=spec.skip, skip_ratio=spec.skip_ratio,
+                   mode=spec.mode)
+    return train_resolve_skip(ts, num_blocks, None, log=lambda _msg: None)
 
 
 def build_trainer(family: str, cfg: dict[str, Any], skip: tuple[int, int], spec: EstimateSpec, vae: int):
