@@ -22,7 +22,6 @@ Only safetensors and Parquet are parsed: nothing is ever unpickled.
 from __future__ import annotations
 
 import hashlib
-import json
 import queue
 import threading
 from collections import OrderedDict
