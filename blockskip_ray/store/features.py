@@ -22,7 +22,6 @@ Only safetensors and Parquet are parsed: nothing is ever unpickled.
 from __future__ import annotations
 
 import hashlib
-import json
 import queue
 import threading
 from collections import OrderedDict
@@ -33,6 +32,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .codec import FP8_MAX, dtype_from_name, dtype_name, encode, header_offsets, dequantize_fp8, quantize_fp8
 from .ids import validate_id
 from .uri import Store
 
@@ -42,8 +42,6 @@ __all__ = [
 ]
 
 DTYPES = ("fp32", "bf16", "fp8_e4m3")
-#: Largest finite float8_e4m3fn value; per-token scales map each row's amax to it.
-FP8_MAX = 448.0
 FORMAT_VERSION = 1
 INDEX_FILE = "index.parquet"
 COMMIT_FILE = "_COMMITTED"
@@ -64,65 +62,6 @@ INDEX_SCHEMA = pa.schema([
 
 def features_prefix(subject_id: str) -> str:
     return f"subjects/{validate_id(subject_id)}/features"
-
-
-def _dtype_name(dt: torch.dtype) -> str:
-    return str(dt).removeprefix("torch.")
-
-
-def _dtype_from_name(name: str) -> torch.dtype:
-    dt = getattr(torch, name, None)
-    if not isinstance(dt, torch.dtype):
-        raise ValueError(f"unknown dtype in feature index: {name!r}")
-    return dt
-
-
-# ------------------------------------------------------------------- fp8
-def quantize_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token float8_e4m3fn quantization over the last dim.
-
-    Returns ``(q, scale)`` with ``scale = amax(|t|, -1) / 448`` (fp32, shape
-    ``[..., 1]``) so that ``q.float() * scale`` approximates ``t``.  Rows that
-    are all zero get scale 1 (avoids 0/0).
-    """
-    if t.ndim < 1:
-        raise ValueError("quantize_fp8 needs at least one dimension")
-    x = t.detach().to(torch.float32)
-    amax = x.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q.contiguous(), scale.contiguous()
-
-
-def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Inverse of :func:`quantize_fp8` (up to fp8 rounding), cast to ``dtype``."""
-    return (q.to(torch.float32) * scale.to(torch.float32)).to(dtype)
-
-
-def _encode(name: str, t: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
-    """Stored tensors for one logical tensor: ``{name: stored}`` (+ ``name.scale`` for fp8)."""
-    # clone(): safetensors refuses views sharing storage, and we must not keep
-    # a reference into the caller's (possibly later mutated) buffers.
-    t = t.detach().to("cpu")
-    if not t.is_floating_point() or dtype == "fp32":
-        return {name: t.contiguous().clone()}
-    if t.ndim < 2:
-        # 0/1-d tensors (t, sigma, pooled vectors) are tiny and precision-
-        # critical (temb is computed from t), so both lossy modes keep them fp32.
-        return {name: t.to(torch.float32).contiguous().clone()}
-    if dtype == "bf16":
-        return {name: t.to(torch.bfloat16).contiguous().clone()}
-    q, scale = quantize_fp8(t)
-    return {name: q, f"{name}.scale": scale}
-
-
-def _header_offsets(data: bytes) -> dict[str, tuple[int, int]]:
-    """Absolute (start, end) byte ranges of each tensor in a safetensors blob."""
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
-    base = 8 + n
-    return {k: (base + v["data_offsets"][0], base + v["data_offsets"][1])
-            for k, v in header.items() if k != "__metadata__"}
 
 
 def _check_name(name: str) -> str:
@@ -183,11 +122,11 @@ class FeatureWriter:
             t = tensors[_check_name(name)]
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"step {step} tensor {name!r} is {type(t).__name__}, not a torch.Tensor")
-            enc = _encode(name, t, self.dtype)
+            enc = encode(name, t, self.dtype)
             for k, v in enc.items():
                 stored[f"{step:06d}/{k}"] = v
-            meta.append({"step": step, "key": name, "dtype": _dtype_name(enc[name].dtype),
-                         "orig_dtype": _dtype_name(t.dtype), "shape": list(t.shape),
+            meta.append({"step": step, "key": name, "dtype": dtype_name(enc[name].dtype),
+                         "orig_dtype": dtype_name(t.dtype), "shape": list(t.shape),
                          "has_scale": f"{name}.scale" in enc})
         nbytes = sum(v.numel() * v.element_size() for v in stored.values())
         if self._pending and self._pending_bytes + nbytes > self.shard_max_bytes:
@@ -202,7 +141,7 @@ class FeatureWriter:
             return
         name = f"shard-{len(self._shards):05d}.safetensors"
         data = st_save(self._pending)  # no metadata: deterministic bytes
-        offsets = _header_offsets(data)
+        offsets = header_offsets(data)
         for m in self._pending_meta:
             start, end = offsets[f"{m['step']:06d}/{m['key']}"]
             scale_sha = None
@@ -320,7 +259,7 @@ class FeatureReader:
     def _decode(self, step: int, sh: _Shard) -> dict[str, torch.Tensor]:
         rows = self._rows[step]
         if step not in sh.verified:
-            offsets = _header_offsets(sh.data)
+            offsets = header_offsets(sh.data)
             for r in rows:
                 checks = [(r["key"], r["sha256"])]
                 if r["scale_sha256"] is not None:
@@ -335,7 +274,7 @@ class FeatureReader:
         out: dict[str, torch.Tensor] = {}
         for r in rows:
             t = sh.tensors[f"{step:06d}/{r['key']}"]
-            orig = _dtype_from_name(r["orig_dtype"])
+            orig = dtype_from_name(r["orig_dtype"])
             if r["scale_sha256"] is not None:
                 out[r["key"]] = dequantize_fp8(t, sh.tensors[f"{step:06d}/{r['key']}.scale"], orig)
             elif t.dtype != orig:

@@ -25,11 +25,9 @@ import io
 import json
 import logging
 import os
-import random
 import re
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 from urllib.parse import urlparse
@@ -38,6 +36,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from .s3conf import make_boto_client, resolve_s3_settings
+from .retry import DENIED_RE, NOT_FOUND_RE, RetryPolicy, is_transient_error
+
 __all__ = ["Store", "RetryPolicy", "is_transient_error"]
 
 log = logging.getLogger(__name__)
@@ -45,70 +46,6 @@ T = TypeVar("T")
 
 # Temp files of in-flight local writes start with this; list() hides them.
 _TMP_PREFIX = ".tmp-"
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with full jitter: sleep ~ U(0, min(max_delay, base * 2**i))."""
-
-    attempts: int = 5
-    base_delay: float = 0.2
-    max_delay: float = 10.0
-
-    def delay(self, attempt: int) -> float:
-        # Full jitter (rather than fixed exponential) spreads the retries of many
-        # Ray workers that failed together, so they don't hammer S3 in lockstep.
-        return random.uniform(0.0, min(self.max_delay, self.base_delay * (2**attempt)))
-
-
-# pyarrow reports S3 failures as OSError with the AWS SDK error name and/or the
-# HTTP status / curl code in the message; these are the retryable ones.
-_TRANSIENT_RE = re.compile(
-    r"SLOW_DOWN|SlowDown|THROTTL|Throttl|SERVICE_UNAVAILABLE|ServiceUnavailable|"
-    r"INTERNAL_FAILURE|InternalError|REQUEST_TIMEOUT|RequestTimeout|NETWORK_CONNECTION|"
-    r"HTTP status 5\d\d|HTTP response code: 5\d\d|response code 5\d\d|\[code 5\d\d\]|"
-    r"curlCode: (?:6|7|18|28|52|55|56)\b|Connection reset|connection reset|"
-    r"timed out|Timeout|Broken pipe|Connection refused|Server returned nothing|"
-    r"Recv failure|Send failure|Connection was reset",
-)
-_DENIED_RE = re.compile(r"ACCESS_DENIED|AccessDenied|HTTP status 403|\[code 403\]|Forbidden")
-_NOT_FOUND_RE = re.compile(r"NoSuchKey|RESOURCE_NOT_FOUND|HTTP status 404|\[code 404\]|NoSuchBucket")
-
-
-def is_transient_error(exc: BaseException) -> bool:
-    """True when ``exc`` is worth retrying (5xx, throttling, timeout, dropped connection)."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return False
-    try:  # botocore is only needed for the boto3 code paths
-        from botocore.exceptions import ClientError
-        from botocore.exceptions import ConnectionError as BotoConnectionError
-        from botocore.exceptions import HTTPClientError
-
-        if isinstance(exc, (BotoConnectionError, HTTPClientError)):
-            return True
-        if isinstance(exc, ClientError):
-            err = exc.response.get("Error", {})
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0
-            code = str(err.get("Code", ""))
-            return status >= 500 or status == 429 or bool(_TRANSIENT_RE.search(code))
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    if isinstance(exc, OSError):
-        msg = str(exc)
-        if _DENIED_RE.search(msg) or _NOT_FOUND_RE.search(msg):
-            return False
-        return bool(_TRANSIENT_RE.search(msg))
-    return False
-
-
-def _split_endpoint(url: str) -> tuple[str, str]:
-    """'http://127.0.0.1:9000' -> ('http', '127.0.0.1:9000'); bare host -> https."""
-    if "://" not in url:
-        return "https", url.rstrip("/")
-    p = urlparse(url)
-    return p.scheme or "https", p.netloc
 
 
 class Store:
@@ -179,49 +116,13 @@ class Store:
         cls, uri: str, *, endpoint_url: str | None, region: str | None, profile: str | None,
         retry: RetryPolicy, connect_timeout: float | None, request_timeout: float | None,
     ) -> "Store":
-        import boto3
-
         p = urlparse(uri)
         bucket, prefix = p.netloc, p.path.strip("/")
         if not bucket:
             raise ValueError(f"S3 URI has no bucket: {uri!r}")
-        session = boto3.Session(profile_name=profile or None)
-        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if not endpoint:
-            # botocore >= 1.31 reads endpoint_url from the profile's config too.
-            try:
-                endpoint = session._session.get_scoped_config().get("endpoint_url")  # noqa: SLF001
-            except Exception:  # profile missing etc.: fall back to AWS' own endpoints
-                endpoint = None
-        region = (
-            region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-            or session.region_name or "us-east-1"
-        )
-        fs_kwargs: dict[str, Any] = {"region": region}
-        boto_kwargs: dict[str, Any] = {"region_name": region}
-        creds = session.get_credentials()
-        if creds is not None:
-            frozen = creds.get_frozen_credentials()
-            fs_kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key,
-                             session_token=frozen.token)
-            boto_kwargs.update(aws_access_key_id=frozen.access_key, aws_secret_access_key=frozen.secret_key,
-                               aws_session_token=frozen.token)
-        if endpoint:
-            scheme, host = _split_endpoint(endpoint)
-            fs_kwargs.update(endpoint_override=host, scheme=scheme)
-            boto_kwargs["endpoint_url"] = f"{scheme}://{host}"
-        if connect_timeout is not None:
-            fs_kwargs["connect_timeout"] = connect_timeout
-        if request_timeout is not None:
-            fs_kwargs["request_timeout"] = request_timeout
-        boto_kwargs["_timeouts"] = (connect_timeout, request_timeout)
-        # Our own loop does the retrying (so the policy, the error classes and
-        # the messages are ours); the SDK's internal retries are switched off
-        # to keep the attempt count predictable.
-        fs_kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=0)
-        # Small objects go up as one PutObject instead of a 3-request multipart
-        # upload (both are atomic; one request is fewer chances to fail).
-        fs_kwargs["allow_delayed_open"] = True
+        fs_kwargs, boto_kwargs = resolve_s3_settings(
+            endpoint_url=endpoint_url, region=region, profile=profile,
+            connect_timeout=connect_timeout, request_timeout=request_timeout)
         fs = pafs.S3FileSystem(**fs_kwargs)
         root = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
         return cls(uri=root, fs=fs, bucket=bucket, prefix=prefix, retry=retry, boto_kwargs=boto_kwargs)
@@ -314,9 +215,9 @@ class Store:
                 msg = str(e)
                 if not isinstance(e, OSError) and not is_transient_error(e):
                     raise
-                if _NOT_FOUND_RE.search(msg):
+                if NOT_FOUND_RE.search(msg):
                     raise FileNotFoundError(f"{op}: no such key {url}") from e
-                if isinstance(e, PermissionError) or _DENIED_RE.search(msg):
+                if isinstance(e, PermissionError) or DENIED_RE.search(msg):
                     raise PermissionError(f"{op}: access denied to {url}") from e
                 if not is_transient_error(e):
                     raise OSError(f"{op} {url} failed: {msg}") from e
@@ -455,15 +356,7 @@ class Store:
     def _client(self) -> Any:
         """Lazily built boto3 S3 client with SDK retries off (we retry ourselves)."""
         if self._boto_client is None:
-            import boto3
-            from botocore.config import Config
-
-            kw = dict(self._boto_kwargs)
-            connect_t, read_t = kw.pop("_timeouts", (None, None))
-            cfg = Config(retries={"total_max_attempts": 1, "mode": "standard"},
-                         connect_timeout=connect_t or 10, read_timeout=read_t or 60,
-                         s3={"addressing_style": "path"} if "endpoint_url" in kw else None)
-            self._boto_client = boto3.client("s3", config=cfg, **kw)
+            self._boto_client = make_boto_client(self._boto_kwargs)
         return self._boto_client
 
     # ------------------------------------------------------------ directories
