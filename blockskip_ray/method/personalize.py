@@ -131,6 +131,7 @@ def train(spec: TrainSpec, skip: tuple[int, int], text: dict, feats: Iterable[tu
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     transformer, stack = load_kept_transformer(spec.model, skipped, device, dtype)
+    torch.manual_seed(spec.seed)  # LoRA A's init draws from the global RNG: seed it so adapters are reproducible
     trainer = SkipTrainer(transformer, stack, skip, get_mode(spec.mode), spec.optim, device)
     start = 0
     if ckpt_dir is not None and (last := latest_checkpoint(ckpt_dir)) is not None:
