@@ -1,18 +1,15 @@
 """`blockskip estimate`: full-scale training memory and TFLOPs per step, traced on fake tensors (no weights)."""
 from __future__ import annotations
 
+from .train import parse_skip
+
 import argparse
 import json
 
 from ..plan_cost.estimate import EstimateSpec, estimate
 
 
-def _skip(value: str) -> tuple[int, int]:
-    try:
-        n, m = (int(v) for v in value.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--skip takes N,M (two integers), got {value!r}") from None
-    return n, m
+_skip = parse_skip  # one --skip parser for every command
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -1,17 +1,14 @@
 """`blockskip precompute`: fill the feature store for a catalog of subjects with a Ray Data pipeline."""
 from __future__ import annotations
 
+from .train import parse_skip
+
 import argparse
 import json
 import sys
 
 
-def _skip(value: str) -> tuple[int, int]:
-    try:
-        n, m = (int(v) for v in value.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--skip takes N,M (two integers), got {value!r}") from None
-    return n, m
+_skip = parse_skip  # one --skip parser for every command
 
 
 def register(subparsers) -> None:
