@@ -50,7 +50,11 @@ def test_adapter_round_trip_in_stock_pipeline(trained, tiny_flux_dir, caplog):
             pipe.load_lora_weights(str(trained / "adapter"))
     finally:
         dlogging.disable_propagation()
-    assert not [r for r in caplog.records if "unexpected" in r.getMessage().lower()]
+    # diffusers' "No LoRA keys associated to CLIPTextModel ... if you think it's unexpected"
+    # is expected (the adapter only touches the transformer); a key mismatch is not.
+    msgs = [r.getMessage() for r in caplog.records]
+    assert not [m for m in msgs if "unexpected keys" in m], msgs
+    assert not [m for m in msgs if "No LoRA keys associated to Flux" in m], msgs
     tuned = pipe("a photo of sks toy", generator=torch.Generator().manual_seed(0), **kw).images[0]
     assert np.abs(base - tuned).max() > 1e-3
 
