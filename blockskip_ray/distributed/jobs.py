@@ -197,7 +197,7 @@ def init_ray(job: JobSpec, log: Log = _stderr) -> None:
         except ConnectionError:
             if job.ray.address != "auto":
                 raise
-    ray.init(num_cpus=job.ray.num_cpus, include_dashboard=False)
+    ray.init(address="local", num_cpus=job.ray.num_cpus, include_dashboard=False)
     log(f"[{job.job_id}] no Ray cluster running: started a local one ({ray.cluster_resources().get('CPU')} CPUs)")
 
 
