@@ -13,6 +13,8 @@ COMMANDS = [
     "status",
     "demo",
     "submit",
+    "select",
+    "eval",
 ]
 
 

@@ -1,0 +1,136 @@
+"""The per-model selection table in the store: models/{model_key}/selection.json (+ profile.png).
+
+`lookup_for(store, model_dir)` gives `personalize(spec, lookup=...)` the measured split for a skip ratio
+(exact ratio key only; anything else falls back to the documented default split).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from pathlib import Path
+from typing import Callable
+
+from ..models.loading import model_family
+from ..store import Store, validate_id
+from .search import ratio_key
+
+SELECTION_FILE = "selection.json"
+PROFILE_FILE = "profile.png"
+# config entries that say where/when a model was saved, not what it is
+_VOLATILE = ("_diffusers_version", "_name_or_path", "_class_name", "_use_default_values")
+
+
+def transformer_config(model_dir: str | Path) -> dict:
+    model_family(model_dir)  # "unknown model" with a clear message when it is no diffusers directory
+    p = Path(model_dir) / "transformer" / "config.json"
+    if not p.is_file():
+        raise ValueError(f"unknown model {str(model_dir)!r}: no transformer/config.json")
+    return json.loads(p.read_text())
+
+
+def num_blocks_of(model_dir: str | Path) -> int:
+    cfg = transformer_config(model_dir)
+    return int(cfg["num_layers"]) + int(cfg.get("num_single_layers", 0))
+
+
+def model_key(model_dir: str | Path) -> str:
+    """'<directory name>-<10 hex of the transformer config hash>': readable, and two models of different
+    shape never share a table. Same-shape models in same-named directories do share one (see docs)."""
+    cfg = {k: v for k, v in transformer_config(model_dir).items() if k not in _VOLATILE}
+    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model_dir).resolve().name).strip("._-").replace("..", ".")
+    return validate_id(f"{name[:100] or 'model'}-{digest}", "model key")
+
+
+def _store(store: Store | str) -> Store:
+    return store if isinstance(store, Store) else Store.open(str(store))
+
+
+def selection_key(key: str) -> str:
+    return f"models/{validate_id(key, 'model key')}/{SELECTION_FILE}"
+
+
+def write_selection(store: Store | str, doc: dict, png: bytes | None = None) -> str:
+    s = _store(store)
+    key = validate_id(doc["model_key"], "model key")
+    if png is not None:  # the plot first: selection.json is what readers trust, so it lands last
+        s.write_bytes(f"models/{key}/{PROFILE_FILE}", png)
+    s.write_json(selection_key(key), doc)
+    return s.url(selection_key(key))
+
+
+def load_selection(store: Store | str, model_dir: str | Path) -> dict | None:
+    s, key = _store(store), model_key(model_dir)
+    if not s.exists(selection_key(key)):
+        return None
+    doc = s.read_json(selection_key(key))
+    n = num_blocks_of(model_dir)
+    if doc.get("num_blocks") != n:
+        raise ValueError(f"selection table {s.url(selection_key(key))} is for {doc.get('num_blocks')} blocks, "
+                         f"the model has {n}: rerun `blockskip select`")
+    return doc
+
+
+def lookup_for(store: Store | str, model_dir: str | Path) -> Callable[[float], tuple[int, int] | None]:
+    """ratio -> (n*, m*) from the stored table for exactly that ratio, else None (also when no table)."""
+    doc = load_selection(store, model_dir)
+    table = {k: (int(v[0]), int(v[1])) for k, v in (doc or {}).get("table", {}).items()}
+
+    def lookup(ratio: float) -> tuple[int, int] | None:
+        return table.get(ratio_key(ratio))
+    return lookup
+
+
+def draw_profile(doc: dict, note: str | None = None, size: tuple[int, int] = (720, 420)) -> bytes:
+    """PNG: distance vs window start (0..N-1 axis), chosen splits as coloured skip regions per ratio."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    W, H = size
+    left, right, top, bottom = 120, 20, 50, 90
+    im = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(im)
+    font = ImageFont.load_default()
+    n_blocks, prof = doc["num_blocks"], doc["profile"]
+    ymax = max([p["distance"] for p in prof] + [1e-9]) * 1.1
+
+    def x(v: float) -> float:
+        return left + (W - left - right) * v / max(1, n_blocks - 1)
+
+    def y(v: float) -> float:
+        return H - bottom - (H - top - bottom) * v / ymax
+
+    colors = [(214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+    for j, (r, (n, m)) in enumerate(sorted(doc["table"].items())):
+        c = colors[j % len(colors)]
+        yy = H - bottom + 18 + 12 * j
+        d.text((4, yy - 5), f"r={r}: n*={n} m*={m}", fill=c, font=font)
+        if n:  # skipped leading blocks [0, n) and trailing [N-m, N) on the block axis
+            d.line([(x(0), yy), (x(n - 1), yy)], fill=c, width=5)
+        if m:
+            d.line([(x(n_blocks - m), yy), (x(n_blocks - 1), yy)], fill=c, width=5)
+    d.line([(left, top), (left, H - bottom), (W - right, H - bottom)], fill="black")
+    for t in range(n_blocks):
+        d.line([(x(t), H - bottom), (x(t), H - bottom + 3)], fill="black")
+        if n_blocks <= 20 or t % 5 == 0:
+            d.text((x(t) - 3, H - bottom + 4), str(t), fill="black", font=font)
+    for f in (0.0, 0.5, 1.0):
+        d.text((4, y(f * ymax / 1.1) - 5), f"{f * ymax / 1.1:.3g}", fill="black", font=font)
+    pts = [(x(p["start"]), y(p["distance"])) for p in prof]
+    if len(pts) > 1:
+        d.line(pts, fill=(31, 119, 180), width=2)
+    for px, py in pts:
+        d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=(31, 119, 180))
+    d.text((left, 8), f"{doc['model_key']}: 1 - cos(DINO) vs window start (W={doc['window']}, N={n_blocks})",
+           fill="black", font=font)
+    d.text((left, 22), "bars below the axis: blocks skipped by the chosen split per skip ratio", fill="black", font=font)
+    if note:
+        d.text((left, 34), note, fill=(200, 0, 0), font=font)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+__all__ = ["model_key", "num_blocks_of", "write_selection", "load_selection", "lookup_for", "draw_profile",
+           "selection_key", "SELECTION_FILE", "PROFILE_FILE"]
