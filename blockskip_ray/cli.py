@@ -15,6 +15,7 @@ COMMANDS = [
     "submit",
     "select",
     "eval",
+    "precompute",
 ]
 
 

@@ -106,13 +106,14 @@ def _encode(name: str, t: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
     t = t.detach().to("cpu")
     if not t.is_floating_point() or dtype == "fp32":
         return {name: t.contiguous().clone()}
+    if t.ndim < 2:
+        # 0/1-d tensors (t, sigma, pooled vectors) are tiny and precision-
+        # critical (temb is computed from t), so both lossy modes keep them fp32.
+        return {name: t.to(torch.float32).contiguous().clone()}
     if dtype == "bf16":
         return {name: t.to(torch.bfloat16).contiguous().clone()}
-    if t.ndim >= 2:
-        q, scale = quantize_fp8(t)
-        return {name: q, f"{name}.scale": scale}
-    # 0/1-d tensors (t, sigma, pooled scalars) are tiny and precision-critical.
-    return {name: t.to(torch.float32).contiguous().clone()}
+    q, scale = quantize_fp8(t)
+    return {name: q, f"{name}.scale": scale}
 
 
 def _header_offsets(data: bytes) -> dict[str, tuple[int, int]]:
