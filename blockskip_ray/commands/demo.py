@@ -43,7 +43,8 @@ ray:
 selection:
   enabled: true                # uses the probe pipeline when installed, else the default split
   skip_ratios: [0.3]
-  options: {num_seeds: 1, num_steps: 2, resolution: 64}
+  options: {steps: 2, resolution: 64}   # flags of `blockskip select`
+precompute: {feature_dtype: fp32}   # Ray Data pipeline options (PrecomputeConfig fields)
 """
 
 
