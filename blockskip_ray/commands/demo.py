@@ -34,7 +34,7 @@ samples:
   size: 64
   eval: false
 ray:
-  address: auto                # join a running cluster, else start a local one
+  address: local               # a private local Ray (auto: join the running cluster, else start one)
   num_cpus: 2
   concurrency: 2               # two subjects train at once
   cpus_per_subject: 1

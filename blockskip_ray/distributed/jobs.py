@@ -139,8 +139,12 @@ def selection_lookup(job: JobSpec, store: Store, model_dir: str, log: Log = _std
 
 
 def run_select(job: JobSpec, store: Store, model_dir: str) -> None:
-    from ..cli import build_parser
+    import argparse
 
+    from ..commands import select
+
+    parser = argparse.ArgumentParser(prog="blockskip")
+    select.register(parser.add_subparsers(dest="command", required=True))
     argv = ["select", "--model", model_dir, "--store", store.uri,
             "--skip-ratios", ",".join(str(r) for r in job.selection.skip_ratios)]
     for key, value in job.selection.options.items():
@@ -151,7 +155,7 @@ def run_select(job: JobSpec, store: Store, model_dir: str) -> None:
             argv.append(flag)
         else:
             argv += [flag, str(value)]
-    args = build_parser().parse_args(argv)  # unknown options are argparse errors (SystemExit): refuse them clearly
+    args = parser.parse_args(argv)  # unknown options are argparse errors (SystemExit): refuse them clearly
     if int(args.func(args) or 0) != 0:
         raise RuntimeError(f"`blockskip {' '.join(argv)}` failed")
 
@@ -205,19 +209,23 @@ class Progress:
 
 
 def init_ray(job: JobSpec, log: Log = _stderr) -> None:
+    """ray.address: "auto" joins the running cluster, else starts a local one; "local" always starts a private
+    local Ray (the demo: never someone else's cluster on a shared machine); anything else is a cluster address."""
     import ray
     if ray.is_initialized():
         return
-    if job.ray.address:
+    address = job.ray.address
+    if address and address != "local":
         try:
-            ray.init(address=job.ray.address, log_to_driver=True)
-            log(f"[{job.job_id}] joined the Ray cluster at {job.ray.address}")
+            ray.init(address=address, log_to_driver=True)
+            log(f"[{job.job_id}] joined the Ray cluster ({ray.cluster_resources().get('CPU', 0):.0f} CPUs, "
+                f"{ray.cluster_resources().get('GPU', 0):.0f} GPUs)")
             return
         except ConnectionError:
-            if job.ray.address != "auto":
+            if address != "auto":
                 raise
     ray.init(address="local", num_cpus=job.ray.num_cpus, include_dashboard=False)
-    log(f"[{job.job_id}] no Ray cluster running: started a local one ({ray.cluster_resources().get('CPU')} CPUs)")
+    log(f"[{job.job_id}] started a local Ray ({ray.cluster_resources().get('CPU')} CPUs)")
 
 
 def run_job(job: JobSpec, log: Log = _stderr) -> JobResult:
