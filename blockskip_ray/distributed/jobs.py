@@ -264,9 +264,10 @@ def run_job(job: JobSpec, log: Log = _stderr) -> JobResult:
     if todo:
         init_ray(job, log)
         skip = resolve_skip_plan(job, model_dir, selection_lookup(job, store, model_dir, log), log)
-        now = utc_now()
-        status.set_many([{"subject_id": s.id, "stage": "precompute", "state": "running", "started_at": now,
-                          "finished_at": None} for s in todo])
+        now, rows = utc_now(), {r["subject_id"]: r for r in status.read()}
+        # Full rows: JobStatus.set_many resets the fields a row leaves out to their defaults (attempts, error).
+        status.set_many([{**rows.get(s.id, {"subject_id": s.id}), "stage": "precompute", "state": "running",
+                          "error": None, "started_at": now, "finished_at": None} for s in todo])
         log(f"[{job.job_id}] precompute: {len(todo)} subject(s) running")
         bad = precompute_stage(job, store, model_dir, todo, skip, log)
         for sid, reason in bad.items():

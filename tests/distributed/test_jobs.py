@@ -156,7 +156,7 @@ def test_bad_subject_fails_alone_and_exit_is_nonzero(reference, capsys):
     rows = {r["subject_id"]: r for r in JobStatus(Store.open(str(store)), "ref").read()}
     assert rows["toy-a"]["state"] == "succeeded" and rows["toy-a"]["attempts"] == 1
     assert rows["toy-bad"]["state"] == "failed" and rows["toy-bad"]["stage"] == "precompute"
-    assert "not a readable image" in rows["toy-bad"]["error"]
+    assert "is not a readable image" in rows["toy-bad"]["error"]
     assert rows["row-3"]["state"] == "failed" and rows["row-3"]["stage"] == "validate"
     sub = store / "subjects" / "toy-a"
     assert (sub / "adapter" / ADAPTER_FILE).is_file()
@@ -168,7 +168,7 @@ def test_bad_subject_fails_alone_and_exit_is_nonzero(reference, capsys):
     from blockskip_ray.commands import status as status_cmd
     assert status_cmd.run(argparse.Namespace(job_id="ref", store=str(store), json=False)) == 0
     out = capsys.readouterr().out
-    assert "3 subjects (1 succeeded, 2 failed)" in out and "bad subject data: image" in out
+    assert "3 subjects (1 succeeded, 2 failed)" in out and "toy-bad" in out and "precompute" in out
 
 
 def test_rerun_keeps_finished_subjects(reference, tmp_path):
