@@ -33,7 +33,7 @@ def main() -> int:
 
     root = Path(args.keep or tempfile.mkdtemp(prefix="bench-catalog-"))
     work = root / "work"
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     rows = []
     try:
         for c in [int(x) for x in args.concurrency.split(",")]:

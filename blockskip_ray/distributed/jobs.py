@@ -123,25 +123,41 @@ def validate_catalog(job: JobSpec, status: JobStatus, catalog_path: str, log: Lo
 
 # ---------------------------------------------------------------------------------------------- stages
 def selection_lookup(job: JobSpec, store: Store, model_dir: str, log: Log = _stderr):
-    """lookup(ratio) -> (n, m) | None from the model's selection table; runs the probes when it is missing.
+    """lookup(ratio) -> (n, m) | None from the model's selection table (models/{model_key}/selection.json).
 
-    The probe pipeline lives in blockskip_ray.probe.selection / distributed.probes (branch `probe`); when it is
-    not installed, or the job says selection.enabled=false, the default split is used and that is logged."""
-    if not job.selection.enabled:
-        log(f"[{job.job_id}] selection: disabled in the job (selection.enabled=false); default split")
-        return None
-    try:
-        from ..probe.selection import lookup_for
-    except ImportError:
-        log(f"[{job.job_id}] selection: probe pipeline not available in this build; default split")
-        return None
-    lookup = lookup_for(store, model_dir)
-    if lookup is None:
-        from .probes import run_selection  # the probe branch's Ray entry point
+    When the model has no table yet and selection.enabled, the masking probes run first through the public
+    `blockskip select` command (on this Ray cluster), with selection.options as its flags."""
+    from ..probe.selection import load_selection, lookup_for
+
+    if load_selection(store, model_dir) is None:
+        if not job.selection.enabled:
+            log(f"[{job.job_id}] selection: no table for this model and selection.enabled=false; default split")
+            return None
         log(f"[{job.job_id}] selection: no table for this model yet; running the masking probes")
-        run_selection(model_dir, store, job.selection.skip_ratios, **job.selection.options)
-        lookup = lookup_for(store, model_dir)
-    return lookup
+        run_select(job, store, model_dir)
+    return lookup_for(store, model_dir)
+
+
+def run_select(job: JobSpec, store: Store, model_dir: str) -> None:
+    import argparse
+
+    from ..commands import select
+
+    parser = argparse.ArgumentParser(prog="blockskip")
+    select.register(parser.add_subparsers(dest="command", required=True))
+    argv = ["select", "--model", model_dir, "--store", store.uri,
+            "--skip-ratios", ",".join(str(r) for r in job.selection.skip_ratios)]
+    for key, value in job.selection.options.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, list):  # nargs="+" flags take separate words, the others comma-separated lists
+            argv += [flag, *map(str, value)] if key in ("prompts", "probe_subjects") else [flag, ",".join(map(str, value))]
+        elif value is True:
+            argv.append(flag)
+        else:
+            argv += [flag, str(value)]
+    args = parser.parse_args(argv)  # unknown options are argparse errors (SystemExit): refuse them clearly
+    if int(args.func(args) or 0) != 0:
+        raise RuntimeError(f"`blockskip {' '.join(argv)}` failed")
 
 
 def resolve_skip_plan(job: JobSpec, model_dir: str, lookup, log: Log = _stderr) -> tuple[int, int]:
@@ -153,17 +169,24 @@ def resolve_skip_plan(job: JobSpec, model_dir: str, lookup, log: Log = _stderr) 
     return resolve_skip(probe, num_blocks(model_dir), lookup, log=lambda m: log(f"[{job.job_id}] {m}"))
 
 
-def precompute_stage(job: JobSpec, store: Store, model_dir: str, subjects: list[Subject], skip, log: Log) -> None:
-    """Ray Data precompute of every subject's features into the store (branch `precompute`), when installed.
+def precompute_stage(job: JobSpec, store: Store, model_dir: str, subjects: list[Subject], skip,
+                     log: Log) -> dict[str, str]:
+    """Ray Data precompute of every subject's features into the store; returns {subject_id: reason} of failures.
 
-    Without it each training worker computes its subject's features itself (identical values, fp32)."""
-    try:
-        from .precompute import precompute_subjects
-    except ImportError:
-        log(f"[{job.job_id}] precompute: Ray Data pipeline not available in this build; "
-            "each training worker computes its own features")
-        return
-    precompute_subjects(job, store, model_dir, subjects, skip, **job.precompute)
+    job.precompute holds PrecomputeConfig fields (feature_dtype, batch_size, concurrency, num_gpus, ...) and
+    `enabled` (default true; false: each training worker computes its subject's features itself)."""
+    opts = dict(job.precompute)
+    if not opts.pop("enabled", True):
+        log(f"[{job.job_id}] precompute: disabled (precompute.enabled=false); training workers compute features")
+        return {}
+    from .precompute import PrecomputeConfig, run_precompute
+
+    t = job.train
+    cfg = PrecomputeConfig(model=model_dir, skip=tuple(skip), mode=t.mode, steps=t.steps, resolution=t.resolution,
+                           s_max=t.s_max, seed=t.seed, max_text_tokens=t.max_text_tokens, guidance=t.guidance,
+                           **opts)
+    results = run_precompute(store, subjects, cfg, log=lambda m: log(f"[{job.job_id}] precompute: {m}"))
+    return {sid: str(r.get("error") or "precompute failed") for sid, r in results.items() if r["state"] == "failed"}
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -186,19 +209,23 @@ class Progress:
 
 
 def init_ray(job: JobSpec, log: Log = _stderr) -> None:
+    """ray.address: "auto" joins the running cluster, else starts a local one; "local" always starts a private
+    local Ray (the demo: never someone else's cluster on a shared machine); anything else is a cluster address."""
     import ray
     if ray.is_initialized():
         return
-    if job.ray.address:
+    address = job.ray.address
+    if address and address != "local":
         try:
-            ray.init(address=job.ray.address, log_to_driver=True)
-            log(f"[{job.job_id}] joined the Ray cluster at {job.ray.address}")
+            ray.init(address=address, log_to_driver=True)
+            log(f"[{job.job_id}] joined the Ray cluster ({ray.cluster_resources().get('CPU', 0):.0f} CPUs, "
+                f"{ray.cluster_resources().get('GPU', 0):.0f} GPUs)")
             return
         except ConnectionError:
-            if job.ray.address != "auto":
+            if address != "auto":
                 raise
-    ray.init(num_cpus=job.ray.num_cpus, include_dashboard=False)
-    log(f"[{job.job_id}] no Ray cluster running: started a local one ({ray.cluster_resources().get('CPU')} CPUs)")
+    ray.init(address="local", num_cpus=job.ray.num_cpus, include_dashboard=False)
+    log(f"[{job.job_id}] started a local Ray ({ray.cluster_resources().get('CPU')} CPUs)")
 
 
 def run_job(job: JobSpec, log: Log = _stderr) -> JobResult:
@@ -237,13 +264,21 @@ def run_job(job: JobSpec, log: Log = _stderr) -> JobResult:
     if todo:
         init_ray(job, log)
         skip = resolve_skip_plan(job, model_dir, selection_lookup(job, store, model_dir, log), log)
-        precompute_stage(job, store, model_dir, todo, skip, log)
+        now, rows = utc_now(), {r["subject_id"]: r for r in status.read()}
+        # Full rows: JobStatus.set_many resets the fields a row leaves out to their defaults (attempts, error).
+        status.set_many([{**rows.get(s.id, {"subject_id": s.id}), "stage": "precompute", "state": "running",
+                          "error": None, "started_at": now, "finished_at": None} for s in todo])
+        log(f"[{job.job_id}] precompute: {len(todo)} subject(s) running")
+        bad = precompute_stage(job, store, model_dir, todo, skip, log)
+        for sid, reason in bad.items():
+            progress.set(sid, stage="precompute", state="failed", error=reason, finished_at=utc_now())
+            result.failed[sid] = reason
+        todo = [s for s in todo if s.id not in bad]
 
         def one(s: Subject) -> None:
             prev = status.read()
             attempts = next((r["attempts"] for r in prev if r["subject_id"] == s.id), 0) + 1
-            progress.set(s.id, stage="train", state="running", error=None, attempts=attempts,
-                         started_at=utc_now(), finished_at=None)
+            progress.set(s.id, stage="train", state="running", error=None, attempts=attempts, finished_at=None)
             spec = subject_train_spec(job, model_dir, s.id, s.prompt, "", skip, out="")
             try:
                 metrics = fit_subject(job, store, s.id, spec, s.to_json()["images"], list(s.eval_prompts))

@@ -141,6 +141,9 @@ def train_loop(cfg: dict[str, Any]) -> None:
         skipped = [i for i in range(n_blocks) if i not in kept]
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         try:
+            # LoRA A is drawn from the global RNG: seed it so the adapter is a pure function of (subject, config,
+            # seed) whichever process (first attempt, retry, rerun) trains it.
+            torch.manual_seed(spec.seed)
             transformer, stack = load_kept_transformer(spec.model, skipped, device, dtype)
             trainer = SkipTrainer(transformer, stack, skip, get_mode(spec.mode), spec.optim, device)
             if ckpt is not None:
