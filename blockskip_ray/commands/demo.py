@@ -1,7 +1,8 @@
 """`blockskip demo`: the whole pipeline on local Ray with the embedded defaults (jobs/demo-tiny.yaml).
 
-tiny FLUX model built on the fly -> synthetic catalog of 3 subjects -> selection (when the probe pipeline is
-installed) -> precompute -> subjects trained concurrently as Ray Train runs -> samples -> summary.
+tiny FLUX model built on the fly -> synthetic catalog of 3 subjects -> selection -> Ray Data precompute ->
+subjects trained concurrently as Ray Train runs -> samples -> summary -> every adapter served over HTTP by
+Ray Serve, one image per subject saved -> Serve and Ray shut down.
 The job spec is embedded here verbatim (a test checks it equals jobs/demo-tiny.yaml), so the demo works from an
 installed wheel without the repository.
 """
@@ -52,25 +53,43 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "demo", help="run the whole pipeline on a tiny model with synthetic subjects (local Ray, CPU)",
         description="Run jobs/demo-tiny.yaml (embedded): build a tiny FLUX model, generate 3 synthetic subjects, "
-                    "select, precompute, train them concurrently on local Ray, sample, and print a summary. "
-                    "Outputs go to demo-out/ (store: demo-out/store).")
+                    "select, precompute, train them concurrently on local Ray, sample, print a summary, then serve "
+                    "every adapter from one HTTP endpoint (Ray Serve), request one image per subject and save it. "
+                    "Outputs go to demo-out/ (store: demo-out/store, served images: demo-out/served).")
     p.add_argument("--out", default="demo-out", help="directory for the store and scratch files (default demo-out)")
+    p.add_argument("--no-serve", action="store_true", help="stop after training (skip the HTTP serving step)")
     p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE",
                    help="override any field of the demo job")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..distributed.jobs import run_job, summary
+    import ray
+
+    from ..distributed.jobs import resolve_catalog, resolve_model, run_job, summary
     from ..distributed.jobspec import load_spec
+    from ..method.catalog import load_catalog
     from ._overrides import take_options
 
-    overrides = take_options(args, list(args.overrides), {"out": str})
+    overrides = take_options(args, list(args.overrides), {"out": str, "no_serve": None})
     data = yaml.safe_load(DEMO_JOB_YAML)
     data["store"], data["work_dir"] = f"{args.out}/store", f"{args.out}/work"
     job = load_spec(data, overrides)
     t0 = time.perf_counter()
-    result = run_job(job)
-    print(summary(result))
+    try:
+        result = run_job(job)
+        print(summary(result))
+        adapters = sorted(result.succeeded + result.skipped)
+        if adapters and not args.no_serve:
+            from ..distributed.serve_run import serve_and_request
+            print(f"serving {len(adapters)} adapter(s) from {job.store} over HTTP (Ray Serve) ...", flush=True)
+            prompts = {s.id: s.prompt for s in load_catalog(resolve_catalog(job, log=lambda m: None))[0]}
+            paths = serve_and_request(resolve_model(job), job.store, adapters, f"{args.out}/served",
+                                      prompt=prompts, steps=job.samples.steps,
+                                      size=job.samples.size or job.train.resolution)
+            for p in paths:
+                print(f"  served image: {p}")
+    finally:
+        ray.shutdown()  # the job started a private local Ray: leave no Ray process behind
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; status: blockskip status {job.job_id} --store {job.store}")
     return 0 if result.ok else 1

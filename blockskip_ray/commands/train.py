@@ -25,7 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "(skip without features), resize (skip with features, no dynamic crop).",
     )
     p.add_argument("--model", required=True, help="local diffusers directory (FLUX or SANA), e.g. from init-model")
-    p.add_argument("--images", required=True, help="directory with the subject's 4-6 reference images")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="directory with the subject's 4-6 reference images")
+    src.add_argument("--features", metavar="URI",
+                     help="store (local dir or s3://) holding --subject-id's precomputed features from `blockskip "
+                          "precompute`: read them (with prefetch) instead of computing them; the flags that decide "
+                          "the features (--steps, --resolution, --s-max, --seed, --text-tokens, --prompt, skip) must "
+                          "match the precompute run")
     p.add_argument("--prompt", required=True, help='instance prompt, e.g. "a photo of sks toy"')
     p.add_argument("--out", required=True, type=Path)
     g = p.add_mutually_exclusive_group()
@@ -50,18 +56,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..method.personalize import TrainSpec, personalize
+    from dataclasses import replace
+
+    from ..method.personalize import TrainSpec, num_blocks, personalize, resolve_skip
     from ..method.trainer import OptimConfig
 
     spec = TrainSpec(
-        model=args.model, images=args.images, prompt=args.prompt, out=str(args.out), subject_id=args.subject_id,
+        model=args.model, images=args.images or "", prompt=args.prompt, out=str(args.out), subject_id=args.subject_id,
         skip=args.skip, skip_ratio=args.skip_ratio, mode=args.mode, steps=args.steps, resolution=args.resolution,
         s_max=args.s_max, seed=args.seed, max_text_tokens=args.text_tokens, checkpoint_every=args.checkpoint_every,
         num_samples=args.samples, sample_steps=args.sample_steps, device=args.device,
         optim=OptimConfig(rank=args.rank, lr=args.lr, gradient_checkpointing=args.gradient_checkpointing),
     )
     lookup = _selection_lookup(args.store, args.model) if args.store else None
-    m = personalize(spec, lookup=lookup)
+    features = None
+    if args.features:
+        from ..store import Store
+        features = Store.open(args.features)
+        if spec.skip_ratio is not None:  # pin the split so it is checked against the stored one
+            spec = replace(spec, skip=resolve_skip(spec, num_blocks(spec.model), lookup), skip_ratio=None)
+    m = personalize(spec, lookup=lookup, features=features)
     print(json.dumps({k: v for k, v in m.items() if k != "loss"} | {"loss_first": m["loss"][0], "loss_last": m["loss"][-1]}, indent=1))
     print(f"adapter: {Path(args.out) / 'adapter'}")
     return 0

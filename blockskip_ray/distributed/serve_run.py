@@ -84,9 +84,11 @@ def run_server(args: dict[str, Any], host: str, port: int) -> int:
 
 
 def serve_and_request(model: str | Path, store: str | Path, adapters: list[str], out_dir: str | Path,
-                      prompt: str = "a photo of sks toy", steps: int = 4, size: int = 64, seed: int = 0,
-                      timeout_s: float = 300.0) -> list[Path]:
-    """Start the service, request one image per adapter over HTTP, save `out_dir/{adapter}.png`, shut down."""
+                      prompt: str | dict[str, str] = "a photo of sks toy", steps: int = 4, size: int = 64,
+                      seed: int = 0, timeout_s: float = 300.0) -> list[Path]:
+    """Start the service, request one image per adapter over HTTP, save `out_dir/{adapter}.png`, shut down.
+
+    `prompt` is one prompt for all adapters or a dict adapter id -> its subject's prompt."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     store_uri = str(store) if "://" in str(store) else os.path.abspath(store)
@@ -100,7 +102,8 @@ def serve_and_request(model: str | Path, store: str | Path, adapters: list[str],
             httpx.Client(base_url=url, timeout=timeout_s) as client:
         headers = {"Authorization": f"Bearer {os.environ[TOKEN_ENV]}"} if os.environ.get(TOKEN_ENV) else {}
         for adapter in adapters:
-            r = client.post("/v1/images", json={"adapter": adapter, "prompt": prompt, "seed": seed},
+            r = client.post("/v1/images", json={"adapter": adapter, "seed": seed,
+                                  "prompt": prompt[adapter] if isinstance(prompt, dict) else prompt},
                             headers=headers)
             if r.status_code != 200:
                 raise RuntimeError(f"image for adapter {adapter!r} failed: HTTP {r.status_code} {r.text[:300]}")

@@ -237,13 +237,20 @@ def sample_images(spec: TrainSpec, device: torch.device, prompts: list[str] | No
     return paths
 
 
-def personalize(spec: TrainSpec, lookup=None, log: Callable[[str], None] = print) -> dict:
-    family, images, plan, skip = prepare(spec, lookup, log)
+def personalize(spec: TrainSpec, lookup=None, log: Callable[[str], None] = print, features=None) -> dict:
+    """Train one subject end to end. `features`: a Store holding this subject's precomputed features
+    (`blockskip precompute`); then they are read from it instead of being computed here."""
     device = pick_device(spec.device)
-    log(f"plan: {len(plan)} steps, skip n={skip[0]} m={skip[1]}, mode {spec.mode}, device {device}")
-    text, feats = precompute(spec, images, plan, skip, device)
     ckpt = Path(spec.out) / "checkpoints" if spec.checkpoint_every else None
-    trainer, metrics = train(spec, skip, text, feats, device, ckpt, log)
+    if features is not None:
+        from .stored import train_from_store
+        family = model_family(spec.model)
+        trainer, metrics, plan = train_from_store(spec, features, spec.subject_id, device, ckpt, log=log)
+    else:
+        family, images, plan, skip = prepare(spec, lookup, log)
+        log(f"plan: {len(plan)} steps, skip n={skip[0]} m={skip[1]}, mode {spec.mode}, device {device}")
+        text, feats = precompute(spec, images, plan, skip, device)
+        trainer, metrics = train(spec, skip, text, feats, device, ckpt, log)
     write_outputs(spec, family, trainer, metrics, plan)
     del trainer
     gc.collect()

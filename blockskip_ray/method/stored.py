@@ -160,7 +160,7 @@ def spec_meta(spec, skip: tuple[int, int]) -> dict[str, Any]:
 def train_from_store(spec, store: Store, subject_id: str, device: torch.device, ckpt_dir: Path | None = None,
                      *, feature_dtype: str | None = None, prefetch: int = 2,
                      log: Callable[[str], None] = print):
-    """Train one subject on features read from the store (local or S3): returns (trainer, metrics).
+    """Train one subject on features read from the store (local or S3): returns (trainer, metrics, plan).
 
     The skip plan is spec.skip when given (it must match the stored one), else the stored one (it came from
     --skip-ratio and possibly a selection table at precompute time). Every other field that decides the
@@ -181,4 +181,4 @@ def train_from_store(spec, store: Store, subject_id: str, device: torch.device, 
         f"{meta['feature_dtype']}, skip n={skip[0]} m={skip[1]}")
     trainer, metrics = train(spec, skip, text, feats, device, ckpt_dir, log)
     metrics["features"] = {"store": store.uri, "feature_dtype": meta["feature_dtype"], "model_key": meta["model_key"]}
-    return trainer, metrics
+    return trainer, metrics, plan

@@ -352,9 +352,20 @@ class FeatureReader:
 
 # --------------------------------------------------------------- helpers
 def is_committed(store: Store, subject_id: str) -> bool:
-    """True when the subject has a committed (readable) feature set."""
-    key = f"{features_prefix(subject_id)}/{COMMIT_FILE}"  # validates before touching the store
-    return store.exists(key)
+    """True when the subject has a committed set whose files are all still there.
+
+    A marker alone is not enough: the bucket's lifecycle rule (infra/terraform) expires feature objects, and
+    a set that lost a shard must count as absent so that precompute rewrites it instead of skipping it."""
+    prefix = features_prefix(subject_id)  # validates before touching the store
+    key = f"{prefix}/{COMMIT_FILE}"
+    if not store.exists(key):
+        return False
+    try:
+        marker = store.read_json(key)
+    except FileNotFoundError:  # deleted between the two calls
+        return False
+    present = set(store.list(prefix))
+    return all(f"{prefix}/{name}" in present for name in [*marker.get("shards", []), INDEX_FILE])
 
 
 def delete_features(store: Store, subject_id: str) -> None:

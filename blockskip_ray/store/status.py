@@ -98,13 +98,17 @@ class JobStatus:
         self.store.write_table(self.key, pa.Table.from_pylist(ordered, schema=STATUS_SCHEMA))
 
     def set_many(self, rows: Iterable[dict[str, Any]]) -> None:
-        """Upsert several rows at once (one rewrite); each needs a subject_id."""
-        new = [_norm_row(r) for r in rows]
+        """Upsert several rows at once (one rewrite); each needs a subject_id. Like `update`, the fields a
+        row leaves out keep their old values (defaults only for a new subject)."""
+        rows = list(rows)
+        for r in rows:
+            if "subject_id" not in r:
+                raise ValueError(f"status row without subject_id: {r!r}")
+            validate_id(r["subject_id"])
         with self._lock:
             current = {r["subject_id"]: r for r in self.read()}
-            for r in new:
-                merged = {**current.get(r["subject_id"], {}), **{k: v for k, v in r.items()}}
-                current[r["subject_id"]] = merged
+            for r in rows:
+                current[r["subject_id"]] = _norm_row({**current.get(r["subject_id"], {}), **r})
             self._write(current.values())
 
     def update(self, subject_id: str, **fields: Any) -> dict[str, Any]:

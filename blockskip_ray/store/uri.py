@@ -251,6 +251,14 @@ class Store:
             self._call("write", key, lambda: _atomic_local_write(self._local_root / key, data))  # type: ignore[operator]
             return
         path = self.fs_path(key)
+        tagging = object_tagging(key)
+        if tagging is not None:
+            # pyarrow's S3 output streams cannot set object tags: one boto3 PUT carries data and tags together
+            # (never an untagged object that the lifecycle rule would miss).
+            full = "/".join(p for p in (self._prefix, key) if p)
+            self._call("write", key, lambda: self._client().put_object(Bucket=self._bucket, Key=full, Body=data,
+                                                                       Tagging=tagging))
+            return
 
         def _write() -> None:
             # One PUT (or a multipart upload that becomes visible only when
@@ -399,6 +407,19 @@ class Store:
         buf = io.BytesIO()
         pq.write_table(table, buf)
         self.write_bytes(key, buf.getvalue())
+
+
+# The tag infra/terraform's lifecycle rule expires feature objects by (variables feature_tag_key/_value): S3
+# lifecycle prefixes take no wildcards, so subjects/*/features/ is matched by prefix subjects/ AND this tag.
+FEATURE_TAG = ("blockskip-kind", "features")
+
+
+def object_tagging(key: str) -> str | None:
+    """The S3 Tagging header for ``key``: feature objects (subjects/{id}/features/...) get FEATURE_TAG."""
+    parts = key.split("/")
+    if len(parts) >= 4 and parts[0] == "subjects" and parts[2] == "features":
+        return f"{FEATURE_TAG[0]}={FEATURE_TAG[1]}"
+    return None
 
 
 def _atomic_local_write(path: Path, data: bytes) -> None:

@@ -135,7 +135,32 @@ def test_training_from_store_equals_in_process(computed, reference_losses, tmp_p
         store = Store.open(f"s3://{BUCKET}/{unique_prefix('stored')}", endpoint_url=endpoint, retry_base_delay=0.01)
     write_features(store, "toy-1", text, feats, plan, meta_for(spec, family, skip, "fp32"), shard_max_bytes=30_000)
     torch.manual_seed(0)
-    _, got = train_from_store(spec, store, "toy-1", torch.device("cpu"), feature_dtype="fp32", log=lambda _: None)
+    _, got, _ = train_from_store(spec, store, "toy-1", torch.device("cpu"), feature_dtype="fp32", log=lambda _: None)
     assert len(reference_losses) == spec.steps
     assert got["loss"] == reference_losses  # exact: fp32 features come back bit for bit
     assert got["features"]["feature_dtype"] == "fp32"
+
+
+def test_train_command_reads_features_from_store(computed, reference_losses, tmp_path, capsys):
+    """`blockskip train --features URI`: same losses as in-process features; a mismatched flag is a clear error."""
+    import json
+
+    from blockskip_ray.cli import main
+
+    spec, family, plan, skip, text, feats = computed
+    store = Store.open(str(tmp_path / "store"))
+    write_features(store, "toy-1", text, feats, plan, meta_for(spec, family, skip, "fp32"))
+    def args(out: str, steps: int = 6) -> list[str]:
+        return ["train", "--model", spec.model, "--features", str(tmp_path / "store"), "--subject-id", "toy-1",
+                "--prompt", spec.prompt, "--steps", str(steps), "--resolution", "32", "--s-max", "64",
+                "--text-tokens", "16", "--samples", "0", "--rank", str(spec.optim.rank), "--lr", str(spec.optim.lr),
+                "--out", str(tmp_path / out)]
+
+    torch.manual_seed(0)
+    assert main(args("a")) == 0
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert metrics["loss"] == reference_losses and metrics["skip"] == list(skip)
+    assert (tmp_path / "a" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+    capsys.readouterr()
+    assert main(args("b", steps=7)) == 2
+    assert "steps" in capsys.readouterr().err and not (tmp_path / "b" / "adapter").exists()

@@ -126,6 +126,17 @@ def test_uncommitted_is_not_readable(store):
         w.add(100, {"h": torch.zeros(1)})
 
 
+def test_expired_shard_makes_the_set_absent(store):
+    """A lifecycle rule may expire a shard before the marker: the set then counts as not committed."""
+    write(store, make_steps(4), shard_max_bytes=1024)
+    shards = [k for k in store.list(features_prefix(SID)) if k.endswith(".safetensors")]
+    assert len(shards) >= 2 and is_committed(store, SID)
+    store.delete(shards[1])
+    assert not is_committed(store, SID)
+    write(store, make_steps(4), shard_max_bytes=1024)  # a rerun rewrites it
+    assert is_committed(store, SID)
+
+
 def test_missing_commit_marker(store):
     write(store, make_steps(2))
     store.delete(f"{features_prefix(SID)}/_COMMITTED")
@@ -214,3 +225,21 @@ def test_small_float_tensors_kept_fp32_in_bf16_mode(store):
     rows = {r["key"]: r for r in store.read_table(f"{features_prefix(SID)}/index.parquet").to_pylist()}
     assert rows["t"]["dtype"] == "float32" and rows["h"]["dtype"] == "bfloat16"
     assert torch.equal(FeatureReader(store, SID).get(0)["t"], t)
+
+
+def test_feature_objects_carry_the_lifecycle_tag(s3_endpoint, s3_client):
+    """infra/terraform expires feature objects by prefix subjects/ AND tag blockskip-kind=features: every object
+    under features/ must carry the tag (checked with plain boto3), nothing else may."""
+    BUCKET, prefix = "tags-test", "p"
+    s3_client.create_bucket(Bucket=BUCKET)
+    store = Store.open(f"s3://{BUCKET}/{prefix}", endpoint_url=s3_endpoint, retry_base_delay=0.01)
+    write(store, make_steps(3))
+    store.write_json(f"subjects/{SID}/metrics.json", {"x": 1})
+    keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/")["Contents"]]
+    tags = {k.removeprefix(prefix + "/"): {t["Key"]: t["Value"] for t in
+                                           s3_client.get_object_tagging(Bucket=BUCKET, Key=k)["TagSet"]}
+            for k in keys}
+    feature_keys = [k for k in tags if k.startswith(f"subjects/{SID}/features/")]
+    assert len(feature_keys) >= 3 and f"subjects/{SID}/features/_COMMITTED" in feature_keys
+    assert all(tags[k] == {"blockskip-kind": "features"} for k in feature_keys), tags
+    assert tags[f"subjects/{SID}/metrics.json"] == {}

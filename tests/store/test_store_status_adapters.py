@@ -32,6 +32,19 @@ def test_status_upsert_and_format(store):
         assert c in text
 
 
+def test_set_many_keeps_the_fields_a_row_omits(store):
+    js = JobStatus(store, "job-3")
+    js.update("toy-1", stage="train", state="failed", error="boom", attempts=2, started_at=0)
+    js.set_many([{"subject_id": "toy-1", "state": "running", "error": None}, {"subject_id": "toy-2"}])
+    a, b = js.read()
+    assert (a["stage"], a["state"], a["error"], a["attempts"], a["started_at"]) == \
+        ("train", "running", None, 2, "1970-01-01T00:00:00+00:00")
+    assert (b["state"], b["attempts"]) == ("pending", 0)
+    with pytest.raises(ValueError, match="state"):
+        js.set_many([{"subject_id": "toy-2", "state": "running"}, {"subject_id": "toy-1", "state": "exploded"}])
+    assert js.read() == [a, b]  # a bad row writes nothing
+
+
 def test_status_validation(store):
     js = JobStatus(store, "job-2")
     with pytest.raises(ValueError, match="state"):
