@@ -2,7 +2,7 @@
 
     driver: catalog -> per subject: committed with the same meta? skip : (validate images, build plan)
     Dataset of plan rows (subject, step, image index, crop box, sigma, noise seed, ...), ordered (subject, step)
-      -> map_batches(FeatureActor, concurrency=C, num_gpus=G)   the frozen pipeline loaded once per actor;
+      -> map_batches(FeatureActor, compute=ActorPoolStrategy(size=C), num_gpus=G)   the frozen pipeline loaded once per actor;
                                                                  images read (and validated) in the actor
       -> driver: iter_rows() in order (preserve_order) -> write_features per subject -> _COMMITTED
 
@@ -173,7 +173,7 @@ def _compute_and_write(store: Store, rows: list[dict], plans: dict[str, list[dic
                        log: Callable[[str], None]) -> None:
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // cfg.batch_size, 64)))
     ds = ds.map_batches(FeatureActor, fn_constructor_args=(cfg,), batch_size=cfg.batch_size,
-                        concurrency=cfg.concurrency, num_gpus=cfg.num_gpus or None,
+                        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency), num_gpus=cfg.num_gpus or None,
                         num_cpus=None if cfg.num_gpus else 1, batch_format="numpy")
     stream: Iterator[dict] = iter(ds.iter_rows())
     for sid, group in itertools.groupby(stream, key=lambda r: r["subject_id"]):
