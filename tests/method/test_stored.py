@@ -25,10 +25,8 @@ BUCKET, unique_prefix = _store_conftest.BUCKET, _store_conftest.unique_prefix
 
 
 @pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory) -> Path:
-    from blockskip_ray.models.tiny import init_model
-
-    return init_model("flux", tmp_path_factory.mktemp("models") / "flux-tiny")
+def flux_dir(tiny_flux_dir) -> Path:
+    return tiny_flux_dir  # the session's tiny FLUX (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
