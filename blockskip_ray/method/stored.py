@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ..store import FeatureReader, FeatureWriter, Store, delete_features, is_committed, validate_id
+from ..store import FeatureReader, FeatureWriter, Store, delete_features, is_committed, parquet_from_bytes, validate_id
 
 TEXT_FILE = "text.safetensors"
 #: Meta fields that decide the features' values; a reader checks those it is given.
@@ -141,7 +141,7 @@ def read_features(store: Store, subject_id: str, prefetch: int = 2, expect: dict
     if hashlib.sha256(plan_bytes).hexdigest() != extra.get("plan_sha256"):
         raise ValueError(f"plan.parquet of subject {subject_id} does not match its committed features")
     text = st_load(text_bytes)
-    plan = pq.read_table(pa.BufferReader(plan_bytes)).to_pylist()
+    plan = parquet_from_bytes(plan_bytes).to_pylist()
     if [r["step"] for r in plan] != reader.steps:
         raise ValueError(f"features at {where} do not cover the plan's steps")
     return text, plan, reader.iter_steps(prefetch=prefetch)

@@ -15,10 +15,10 @@ from .features import (
 )
 from .ids import ID_PATTERN, validate_id
 from .status import JobStatus
-from .uri import RetryPolicy, Store
+from .uri import RetryPolicy, Store, parquet_from_bytes
 
 __all__ = [
-    "Store", "RetryPolicy", "validate_id", "ID_PATTERN",
+    "Store", "RetryPolicy", "parquet_from_bytes", "validate_id", "ID_PATTERN",
     "FeatureWriter", "FeatureReader", "is_committed", "delete_features", "quantize_fp8", "dequantize_fp8",
     "JobStatus",
     "ADAPTER_FILE", "adapter_prefix", "list_adapters", "fetch_adapter", "put_adapter",

@@ -34,7 +34,7 @@ from safetensors.torch import save as st_save
 
 from .codec import FP8_MAX, dtype_from_name, dtype_name, encode, header_offsets, dequantize_fp8, quantize_fp8
 from .ids import validate_id
-from .uri import Store
+from .uri import Store, parquet_from_bytes
 
 __all__ = [
     "FeatureWriter", "FeatureReader", "is_committed", "delete_features", "features_prefix",
@@ -213,9 +213,7 @@ class FeatureReader:
         index_bytes = store.read_bytes(f"{self.prefix}/{INDEX_FILE}")
         if hashlib.sha256(index_bytes).hexdigest() != self.meta.get("index_sha256"):
             raise ValueError(f"feature index {store.url(self.prefix)}/{INDEX_FILE} does not match {COMMIT_FILE}")
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(pa.BufferReader(index_bytes), use_threads=False).to_pylist()
+        rows = parquet_from_bytes(index_bytes).to_pylist()
         self._rows: dict[int, list[dict[str, Any]]] = {}
         for r in rows:
             self._rows.setdefault(r["step"], []).append(r)
