@@ -62,7 +62,7 @@ def main() -> None:
                 if k in ref:
                     errs.setdefault(k, {}).setdefault(dt, []).append(rel_rms(got[k], ref[k]))
         torch.manual_seed(0)
-        _, m = train_from_store(spec, store, "toy-1", torch.device("cpu"), log=lambda _: None)
+        _, m, _ = train_from_store(spec, store, "toy-1", torch.device("cpu"), log=lambda _: None)
         losses[dt] = m["loss"]
     print("command:", "PYTHONPATH=. python benchmarks/fp8_features.py " + " ".join(sys.argv[1:]))
     print(f"tiny FLUX, skip {skip}, {args.steps} steps, s_min {args.resolution}; relative RMS error vs fp32 "

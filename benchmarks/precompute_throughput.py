@@ -95,7 +95,7 @@ def main() -> None:
         dt = time.perf_counter() - t0
         rows.append((f"read only, {name}", f"{n / dt:.1f} steps/s, {n * per_step / dt / 2**20:.2f} MiB/s"))
         torch.manual_seed(0)
-        _, m = train_from_store(spec, st, "toy-0", torch.device("cpu"), log=lambda _: None)
+        _, m, _ = train_from_store(spec, st, "toy-0", torch.device("cpu"), log=lambda _: None)
         rows.append((f"train from {name} store", f"{m['steps_per_s']:.2f} steps/s "
                      f"({m['steps_per_s'] / base:.2f}x in-memory)"))
     server.stop()
