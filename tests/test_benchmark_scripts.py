@@ -1,0 +1,52 @@
+"""The CPU benchmark scripts still run end to end on small settings.
+
+They import the library's internals (train_from_store, read_features, ...), so an API change breaks them
+silently unless something runs them; these runs check the rows each prints, not any timing.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str, timeout: int) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_fp8_features_benchmark_reports_errors_bytes_and_losses():
+    out = _run("fp8_features.py", "--steps", "3", timeout=300)
+    m = re.search(r"shard bytes per step: fp32 (\d+), bf16 (\d+), fp8_e4m3 (\d+)", out)
+    assert m, out
+    fp32, bf16, fp8 = map(int, m.groups())
+    assert fp8 < bf16 < fp32
+    rows = re.findall(r"^\s*(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out, flags=re.M)
+    assert [int(r[0]) for r in rows] == [0, 1, 2]  # one loss row per step, for all three dtypes
+    assert re.search(r"^fp8_e4m3: max \|loss - fp32 loss\|", out, flags=re.M), out
+
+
+def test_precompute_throughput_benchmark_prints_every_row():
+    out = _run("precompute_throughput.py", "--subjects", "1", "--steps", "2", timeout=500)
+    for row in ("precompute, 1 actor(s)", "precompute, 2 actor(s)", "bytes per step", "train, in-memory features",
+                "read only, local", "train from local store", "read only, moto S3", "train from moto S3 store"):
+        assert re.search(rf"^{re.escape(row)}\s+\S", out, flags=re.M), (row, out)
+
+
+def test_serve_load_benchmark_prints_every_scenario():
+    out = _run("serve_load.py", "--requests", "3", "--max-seconds", "20", timeout=500)
+    rows = re.findall(r"^\| (.+?) \| (\d+) \| \d+ \| \d+ \| [\d.]+ \| \d+% \|$", out, flags=re.M)
+    assert len(rows) == 5 and all(int(n) == 3 for _, n in rows), out
+    assert "cold adapter load" in out
+
+
+def test_catalog_concurrency_benchmark_prints_a_row_per_setting():
+    out = _run("catalog_concurrency.py", "--subjects", "1", "--steps", "2", "--concurrency", "1", timeout=500)
+    assert re.search(r"^\s+1\s+[\d.]+\s+1\.00x\s+[\d.]+$", out, flags=re.M), out
