@@ -107,6 +107,8 @@ def main() -> None:
     ap.add_argument("--phase", choices=["precompute", "train"], help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.dim < 64 or a.dim % 64:
+        ap.error(f"--dim must be a positive multiple of 64 (the head dim), got {a.dim}")
     if a.phase:
         cfg = next(c for c in CONFIGS if c[0] == a.config)
         (precompute_phase if a.phase == "precompute" else train_phase)(*cfg, a.out, a.steps)
@@ -114,15 +116,23 @@ def main() -> None:
     from blockskip_ray.method.images import make_synthetic_subject
 
     a.out.mkdir(parents=True, exist_ok=True)
-    if not (a.out / "model" / "model_index.json").exists():
+    built = a.out / "model" / "transformer" / "config.json"
+    if built.exists():
+        c = json.loads(built.read_text())
+        if c["num_attention_heads"] * c["attention_head_dim"] != a.dim:
+            sys.exit(f"{a.out}/model has width {c['num_attention_heads'] * c['attention_head_dim']}, not --dim {a.dim}: "
+                     f"use another --out or delete it")
+    else:
         build_model(a.out / "model", a.dim)
     make_synthetic_subject(a.out / "subject", n=4, size=512)
     rows = []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name, *_ in CONFIGS:
         base = [sys.executable, __file__, "--out", str(a.out), "--steps", str(a.steps), "--config", name]
-        subprocess.run(base + ["--phase", "precompute"], check=True, env=env, capture_output=True)
-        res = subprocess.run(base + ["--phase", "train"], check=True, env=env, capture_output=True, text=True)
+        for phase in ("precompute", "train"):
+            res = subprocess.run(base + ["--phase", phase], env=env, capture_output=True, text=True)
+            if res.returncode:
+                sys.exit(f"{name} {phase} failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
     lora = rows[0]
     print(f"FLUX-shaped model: 57 blocks, width {a.dim}; {a.steps} steps per config (median of steps 2..), 1 thread each")

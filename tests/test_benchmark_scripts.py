@@ -1,6 +1,6 @@
 """The CPU benchmark scripts still run end to end on small settings.
 
-They import the library's internals (train_from_store, read_features, ...), so an API change breaks them
+The scripts import the library's internals (train_from_store, read_features, ...), so an API change breaks them
 silently unless something runs them; these runs check the rows each prints, not any timing.
 """
 from __future__ import annotations
@@ -50,3 +50,10 @@ def test_serve_load_benchmark_prints_every_scenario():
 def test_catalog_concurrency_benchmark_prints_a_row_per_setting():
     out = _run("catalog_concurrency.py", "--subjects", "1", "--steps", "2", "--concurrency", "1", timeout=500)
     assert re.search(r"^\s+1\s+[\d.]+\s+1\.00x\s+[\d.]+$", out, flags=re.M), out
+
+
+def test_cpu_step_memory_benchmark_prints_three_configs(tmp_path):
+    out = _run("cpu_step_memory.py", "--dim", "64", "--steps", "2", "--out", str(tmp_path), timeout=500)
+    rows = re.findall(r"^(lora|blockskip-30%|blockskip-50%)\s+\((\d+), (\d+)\)\s", out, flags=re.M)
+    assert [r[0] for r in rows] == ["lora", "blockskip-30%", "blockskip-50%"], out
+    assert rows[0][1:] == ("0", "0") and all(int(n) + int(m) > 0 for _, n, m in rows[1:])
