@@ -64,11 +64,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
-
-    from ..distributed.jobs import resolve_catalog, resolve_model, run_job, summary
+    from ..distributed.jobs import run_and_serve
     from ..distributed.jobspec import load_spec
-    from ..method.catalog import load_catalog
     from ._overrides import take_options
 
     overrides = take_options(args, list(args.overrides), {"out": str, "no_serve": None})
@@ -76,20 +73,7 @@ def run(args: argparse.Namespace) -> int:
     data["store"], data["work_dir"] = f"{args.out}/store", f"{args.out}/work"
     job = load_spec(data, overrides)
     t0 = time.perf_counter()
-    try:
-        result = run_job(job)
-        print(summary(result))
-        adapters = sorted(result.succeeded + result.skipped)
-        if adapters and not args.no_serve:
-            from ..distributed.serve_run import serve_and_request
-            print(f"serving {len(adapters)} adapter(s) from {job.store} over HTTP (Ray Serve) ...", flush=True)
-            prompts = {s.id: s.prompt for s in load_catalog(resolve_catalog(job, log=lambda m: None))[0]}
-            paths = serve_and_request(resolve_model(job), job.store, adapters, f"{args.out}/served",
-                                      prompt=prompts, steps=job.samples.steps,
-                                      size=job.samples.size or job.train.resolution)
-            for p in paths:
-                print(f"  served image: {p}")
-    finally:
-        ray.shutdown()  # the job started a private local Ray: leave no Ray process behind
+    result, _ = run_and_serve(job, None if args.no_serve else f"{args.out}/served",
+                              report=lambda m: print(m, flush=True))
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; status: blockskip status {job.job_id} --store {job.store}")
     return 0 if result.ok else 1

@@ -37,6 +37,8 @@ class JobResult:
     skipped: list[str] = field(default_factory=list)
     metrics: dict[str, dict] = field(default_factory=dict)
     wall_s: float = 0.0
+    model_dir: str = ""  # the resolved local pipeline directory
+    prompts: dict[str, str] = field(default_factory=dict)  # subject id -> instance prompt (valid rows)
 
     @property
     def ok(self) -> bool:
@@ -235,7 +237,7 @@ def run_job(job: JobSpec, log: Log = _stderr) -> JobResult:
     store = Store.open(job.store)
     status = JobStatus(store, job.job_id)
     result = JobResult(job.job_id)
-    model_dir = resolve_model(job, log)
+    model_dir = result.model_dir = resolve_model(job, log)
     if job.catalog is None:  # a selection-only job
         init_ray(job, log)
         lookup = selection_lookup(job, store, model_dir, log)
@@ -244,6 +246,7 @@ def run_job(job: JobSpec, log: Log = _stderr) -> JobResult:
         result.wall_s = time.perf_counter() - t0
         return result
     subjects, result.failed = validate_catalog(job, status, resolve_catalog(job, log), log)
+    result.prompts = {s.id: s.prompt for s in subjects}
     previous = {r["subject_id"]: r for r in status.read()}
     progress = Progress(job.job_id, status, log)
     todo: list[Subject] = []
@@ -264,10 +267,9 @@ def run_job(job: JobSpec, log: Log = _stderr) -> JobResult:
     if todo:
         init_ray(job, log)
         skip = resolve_skip_plan(job, model_dir, selection_lookup(job, store, model_dir, log), log)
-        now, rows = utc_now(), {r["subject_id"]: r for r in status.read()}
-        # Full rows: JobStatus.set_many resets the fields a row leaves out to their defaults (attempts, error).
-        status.set_many([{**rows.get(s.id, {"subject_id": s.id}), "stage": "precompute", "state": "running",
-                          "error": None, "started_at": now, "finished_at": None} for s in todo])
+        now = utc_now()
+        status.set_many([{"subject_id": s.id, "stage": "precompute", "state": "running", "error": None,
+                          "started_at": now, "finished_at": None} for s in todo])
         log(f"[{job.job_id}] precompute: {len(todo)} subject(s) running")
         bad = precompute_stage(job, store, model_dir, todo, skip, log)
         for sid, reason in bad.items():
@@ -300,6 +302,30 @@ def run_job(job: JobSpec, log: Log = _stderr) -> JobResult:
             pass
     result.wall_s = time.perf_counter() - t0
     return result
+
+
+def run_and_serve(job: JobSpec, served_dir: str | None, report: Log = print, log: Log = _stderr
+                  ) -> tuple[JobResult, list[Path]]:
+    """`blockskip demo`: run the job, report its summary, then (served_dir given) serve every adapter over HTTP,
+    save one image per subject into served_dir and stop Serve. Ray is always shut down at the end: the demo's
+    job starts a private local Ray, and no Ray process may outlive the command."""
+    import ray
+
+    paths: list[Path] = []
+    try:
+        result = run_job(job, log)
+        report(summary(result))
+        adapters = sorted(result.succeeded + result.skipped)
+        if adapters and served_dir is not None:
+            from .serve_run import serve_and_request
+            report(f"serving {len(adapters)} adapter(s) from {job.store} over HTTP (Ray Serve) ...")
+            paths = serve_and_request(result.model_dir, job.store, adapters, served_dir, prompt=result.prompts,
+                                      steps=job.samples.steps, size=job.samples.size or job.train.resolution)
+            for p in paths:
+                report(f"  served image: {p}")
+    finally:
+        ray.shutdown()
+    return result, paths
 
 
 def summary(result: JobResult) -> str:

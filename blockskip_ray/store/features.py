@@ -355,12 +355,9 @@ def is_committed(store: Store, subject_id: str) -> bool:
     A marker alone is not enough: the bucket's lifecycle rule (infra/terraform) expires feature objects, and
     a set that lost a shard must count as absent so that precompute rewrites it instead of skipping it."""
     prefix = features_prefix(subject_id)  # validates before touching the store
-    key = f"{prefix}/{COMMIT_FILE}"
-    if not store.exists(key):
-        return False
     try:
-        marker = store.read_json(key)
-    except FileNotFoundError:  # deleted between the two calls
+        marker = store.read_json(f"{prefix}/{COMMIT_FILE}")
+    except FileNotFoundError:
         return False
     present = set(store.list(prefix))
     return all(f"{prefix}/{name}" in present for name in [*marker.get("shards", []), INDEX_FILE])

@@ -100,6 +100,13 @@ class JobStatus:
     def set_many(self, rows: Iterable[dict[str, Any]]) -> None:
         """Upsert several rows at once (one rewrite); each needs a subject_id. Like `update`, the fields a
         row leaves out keep their old values (defaults only for a new subject)."""
+        self._upsert(rows)
+
+    def update(self, subject_id: str, **fields: Any) -> dict[str, Any]:
+        """Upsert one subject's row: unspecified fields keep their old values."""
+        return self._upsert([{**fields, "subject_id": subject_id}])[subject_id]
+
+    def _upsert(self, rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         rows = list(rows)
         for r in rows:
             if "subject_id" not in r:
@@ -110,17 +117,7 @@ class JobStatus:
             for r in rows:
                 current[r["subject_id"]] = _norm_row({**current.get(r["subject_id"], {}), **r})
             self._write(current.values())
-
-    def update(self, subject_id: str, **fields: Any) -> dict[str, Any]:
-        """Upsert one subject's row: unspecified fields keep their old values."""
-        validate_id(subject_id)
-        with self._lock:
-            current = {r["subject_id"]: r for r in self.read()}
-            row = _norm_row({**current.get(subject_id, {"subject_id": subject_id}),
-                             **fields, "subject_id": subject_id})
-            current[subject_id] = row
-            self._write(current.values())
-        return row
+        return current
 
     def format_table(self) -> str:
         """A fixed-width text table for ``blockskip status``."""
