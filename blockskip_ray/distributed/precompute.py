@@ -35,7 +35,7 @@ from ..method.catalog import Subject, open_images, subject_from_json
 from ..method.modes import get_mode
 from ..method.sampling import PlanConfig, build_plan
 from ..method.stored import make_meta, model_key, stored_meta, write_features
-from ..models.loading import model_family, vae_scale_factor
+from ..models.loading import model_family, pixel_multiple
 from ..store import Store
 
 
@@ -107,9 +107,8 @@ def subject_meta(cfg: PrecomputeConfig, subject: Subject, key: str) -> dict[str,
 
 def subject_plan(cfg: PrecomputeConfig, subject: Subject) -> list[dict]:
     """The plan exactly as `blockskip train` builds it (same PlanConfig, same pixel multiple)."""
-    family = model_family(cfg.model)
+    multiple = pixel_multiple(cfg.model)  # also validates the model directory
     sizes = [im.size for im in open_images(subject, cfg.endpoint_url)]
-    multiple = 16 if family == "flux" else vae_scale_factor(cfg.model)
     return build_plan(subject.id, sizes, PlanConfig(steps=cfg.steps, s_min=cfg.resolution, s_max=cfg.s_max,
                                                     sampling=get_mode(cfg.mode).sampling, seed=cfg.seed), multiple)
 

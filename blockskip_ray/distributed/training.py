@@ -112,7 +112,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     """The Ray Train worker: prepare -> features -> resume -> train (checkpoint + report) -> adapter -> samples."""
     import torch
 
-    from ..method.personalize import num_blocks, peak_memory, skipped_param_fraction
+    from ..method.personalize import num_blocks, peak_memory, reset_peak_memory, skipped_param_fraction
     from ..models.loading import load_kept_transformer
     from ..method.modes import get_mode
     from ..method.trainer import SkipTrainer
@@ -159,6 +159,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
             raise StageError("precompute", f"{type(e).__name__}: {e}") from e
         log(f"{'resuming at step ' + str(start) if start else 'starting'}: {len(plan)} steps, skip n={skip[0]} "
             f"m={skip[1]}, device {device}")
+        reset_peak_memory(device)  # metrics report the training phase's own peak (features + kept blocks held)
         fault = cfg.get("fault")
         t0, timed = None, 0
         try:

@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..models.loading import load_kept_transformer, load_pipeline, model_family, vae_scale_factor
+from ..models.loading import load_kept_transformer, load_pipeline, model_family, pixel_multiple
 from .features import FeatureComputer
 from .images import load_images
 from .lora import save_adapter
@@ -91,7 +91,7 @@ def prepare(spec: TrainSpec, lookup=None, log: Callable[[str], None] = print):
     images = load_images(spec.images)
     skip = resolve_skip(spec, num_blocks(spec.model), lookup, log)
     mode = get_mode(spec.mode)
-    multiple = 16 if family == "flux" else vae_scale_factor(spec.model)
+    multiple = pixel_multiple(spec.model)
     plan = build_plan(spec.subject_id, [im.size for im in images],
                       PlanConfig(steps=spec.steps, s_min=spec.resolution, s_max=spec.s_max, sampling=mode.sampling,
                                  seed=spec.seed), multiple)
@@ -115,10 +115,46 @@ def precompute(spec: TrainSpec, images, plan: list[dict], skip: tuple[int, int],
     return text, feats
 
 
+_PEAK_RESET = [False]  # whether this process's CPU peak window was reset (see reset_peak_memory)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window (the training phase). On CPU the process RSS high-water mark is reset
+    through /proc/self/clear_refs (Linux >= 4.0); where that is not allowed, `peak_memory` says so."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # "5" resets VmHWM, the peak resident set size (proc(5))
+        _PEAK_RESET[0] = True
+    except OSError:
+        _PEAK_RESET[0] = False
+
+
+def _vm_hwm() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, kind): the peak since `reset_peak_memory`, with a kind that names what it covers.
+
+    cuda_max_memory_allocated: tensors on the GPU since the reset (the training phase).
+    cpu_peak_rss_train: the process's peak RSS since the reset (training phase; includes what the process
+      still held then, e.g. the precomputed features). cpu_peak_rss_process: the whole process's peak,
+      precompute included, when the window could not be reset."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_peak_rss"
+    hwm = _vm_hwm() if _PEAK_RESET[0] else None
+    if hwm is not None:
+        return hwm, "cpu_peak_rss_train"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_peak_rss_process"
 
 
 def train(spec: TrainSpec, skip: tuple[int, int], text: dict, feats: Iterable[tuple[int, dict]], device: torch.device,
@@ -128,8 +164,8 @@ def train(spec: TrainSpec, skip: tuple[int, int], text: dict, feats: Iterable[tu
     kept = range(skip[0], n_blocks - skip[1])
     skipped = [i for i in range(n_blocks) if i not in kept]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    gc.collect()  # drop what precompute left (the frozen pipeline) before the training window starts
+    reset_peak_memory(device)
     transformer, stack = load_kept_transformer(spec.model, skipped, device, dtype)
     torch.manual_seed(spec.seed)  # LoRA A's init draws from the global RNG: seed it so adapters are reproducible
     trainer = SkipTrainer(transformer, stack, skip, get_mode(spec.mode), spec.optim, device)

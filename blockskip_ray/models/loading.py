@@ -37,6 +37,18 @@ def vae_scale_factor(model_dir: str | Path) -> int:
     return 2 ** (len(blocks) - 1)
 
 
+def pixel_multiple(model_dir: str | Path) -> int:
+    """Crop sides and the training resolution must be multiples of this: VAE factor x patch size.
+
+    FLUX: the pipeline packs 2x2 latent patches into one token (the transformer's own patch_size is 1), so
+    8 x 2 = 16 px (design section 2). SANA: the transformer's patch_size (1 for the released models)."""
+    family = model_family(model_dir)
+    if family == "flux":
+        return vae_scale_factor(model_dir) * 2
+    cfg = json.loads((Path(model_dir) / "transformer" / "config.json").read_text())
+    return vae_scale_factor(model_dir) * int(cfg.get("patch_size", 1))
+
+
 def load_pipeline(model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     import diffusers
 

@@ -171,7 +171,7 @@ def step_inputs(family: str, cfg: dict[str, Any], spec: EstimateSpec, skip: tupl
 
 
 def check_spec(spec: EstimateSpec, family: str, vae: int, patch: int) -> None:
-    multiple = 16 if family == "flux" else vae * patch
+    multiple = vae * (2 if family == "flux" else patch)  # FLUX packs 2x2 latents per token
     if spec.resolution <= 0 or spec.resolution % multiple:
         raise ValueError(f"resolution must be a positive multiple of {multiple} for {family} "
                          f"(VAE factor x patch), got {spec.resolution}")

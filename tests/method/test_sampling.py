@@ -15,7 +15,11 @@ def test_crop_side_bounds_and_rounding(sigma, s_min_k, extra):
     assert side % 16 == 0
     assert s_min <= side <= s_max
     raw = s_min + sigma * (s_max - s_min)
-    assert abs(side - raw) <= 16  # nearest multiple, or clamped by at most one step inside the bounds
+    top = (s_max // 16) * 16
+    if side == top and raw > top:
+        assert raw - side < 16  # clamped to the largest multiple of 16 inside s_max
+    else:
+        assert abs(side - raw) <= 8  # the NEAREST multiple of 16 (design section 2), not floor or ceil
 
 
 @settings(max_examples=100, deadline=None)
@@ -23,6 +27,12 @@ def test_crop_side_bounds_and_rounding(sigma, s_min_k, extra):
 def test_crop_side_monotone_in_noise(a, b):
     lo, hi = min(a, b), max(a, b)
     assert crop_side(lo, 256, 1024) <= crop_side(hi, 256, 1024)
+
+
+@pytest.mark.parametrize("raw,expected", [(263, 256), (265, 272), (279, 272), (281, 288), (300, 304)])
+def test_crop_side_rounds_to_nearest_multiple(raw, expected):
+    # s_min=256, s_max=512: raw = 256 + sigma * 256. Floor rounding gives 256/256/272/272/288 here.
+    assert crop_side((raw - 256) / 256, 256, 512) == expected
 
 
 def test_crop_side_endpoints():
