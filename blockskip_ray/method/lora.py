@@ -1,8 +1,7 @@
-"""LoRA only in the kept blocks (peft), exported in diffusers' format."""
+"""LoRA only in the kept blocks (peft); the adapter files are written by `adapter_export`."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict
@@ -10,27 +9,48 @@ from torch import nn
 
 from ..models.stack import FluxStack, SanaStack
 
-# Attention projections, as in diffusers' DreamBooth LoRA scripts for FLUX and SANA.
-FLUX_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-SANA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+#: `--lora-targets` choices. "attn": the attention projections. "attn+ff": attention plus the feed-forward
+#: layers, the default target list of diffusers' examples/dreambooth/train_dreambooth_lora_flux.py
+#: (attn.*, ff.net.0.proj, ff.net.2, ff_context.net.0.proj, ff_context.net.2). That script matches by suffix,
+#: so in FLUX's single-stream blocks it reaches only attn.to_q/k/v (proj_mlp/proj_out stay frozen); so do we.
+TARGET_CHOICES = ("attn", "attn+ff")
+FLUX_ATTN = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+FLUX_FF = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+SANA_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
+# SANA's feed-forward is a GLUMBConv: the two pointwise (1x1) convs; the depthwise conv is grouped (no LoRA).
+SANA_FF = ("ff.conv_inverted", "ff.conv_point")
 
 
-def target_regex(stack: FluxStack | SanaStack, kept: range) -> str:
+def check_targets(targets: str) -> str:
+    if targets not in TARGET_CHOICES:
+        raise ValueError(f"LoRA targets must be one of {', '.join(TARGET_CHOICES)}, got {targets!r}")
+    return targets
+
+
+def target_regex(stack: FluxStack | SanaStack, kept: range, targets: str = "attn") -> str:
+    check_targets(targets)
     prefixes = "|".join(re.escape(stack.block_prefix(i)) for i in kept)
     if stack.family == "flux":
-        attn, names = r"attn", FLUX_TARGETS
+        attn, names, ff = r"attn", FLUX_ATTN, FLUX_FF
     else:
-        attn, names = r"(?:attn1|attn2)", SANA_TARGETS
-    return rf"^(?:{prefixes})\.{attn}\.(?:{'|'.join(re.escape(n) for n in names)})$"
+        attn, names, ff = r"(?:attn1|attn2)", SANA_ATTN, SANA_FF
+    alts = [rf"{attn}\.(?:{'|'.join(re.escape(n) for n in names)})"]
+    if targets == "attn+ff":
+        alts.append("|".join(re.escape(n) for n in ff))
+    return rf"^(?:{prefixes})\.(?:{'|'.join(alts)})$"
 
 
 def add_lora(transformer: nn.Module, stack: FluxStack | SanaStack, kept: range, rank: int,
-             alpha: float | None = None) -> list[nn.Parameter]:
+             alpha: float | None = None, targets: str = "attn") -> list[nn.Parameter]:
+    """Add one LoRA adapter (scale alpha / rank; alpha defaults to rank, i.e. scale 1) to the kept blocks."""
     if rank <= 0:
         raise ValueError(f"LoRA rank must be positive, got {rank}")
+    if alpha is not None and not alpha > 0:
+        raise ValueError(f"LoRA alpha must be positive, got {alpha}")
     if len(kept) == 0:
         raise ValueError("the skip plan leaves no block to train")
-    cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=target_regex(stack, kept), init_lora_weights=True)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=target_regex(stack, kept, targets),
+                     init_lora_weights=True)
     transformer.add_adapter(cfg)
     params = [p for n, p in transformer.named_parameters() if "lora_" in n]
     for p in params:  # LoRA trains in fp32 even when the frozen weights are bf16
@@ -41,15 +61,3 @@ def add_lora(transformer: nn.Module, stack: FluxStack | SanaStack, kept: range, 
 
 def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
-
-
-def save_adapter(out_dir: str | Path, family: str, state: dict[str, torch.Tensor], rank: int, alpha: float | None) -> Path:
-    """Write OUT/pytorch_lora_weights.safetensors; `pipe.load_lora_weights(out_dir)` loads it."""
-    import diffusers
-
-    pipe_cls = getattr(diffusers, {"flux": "FluxPipeline", "sana": "SanaPipeline"}[family])
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"r": rank, "lora_alpha": alpha or rank, "target_modules": sorted({k.split(".lora_")[0] for k in state})}
-    pipe_cls.save_lora_weights(out, transformer_lora_layers=state, transformer_lora_adapter_metadata=meta)
-    return out / "pytorch_lora_weights.safetensors"

@@ -19,7 +19,6 @@ import torch
 from ..models.loading import load_kept_transformer, load_pipeline, model_family, pixel_multiple
 from .features import FeatureComputer
 from .images import load_images
-from .lora import save_adapter
 from .modes import check_skip, default_split, get_mode
 from .sampling import PlanConfig, build_plan
 from .trainer import OptimConfig, SkipTrainer
@@ -241,6 +240,7 @@ def write_outputs(spec: TrainSpec, family: str, trainer: SkipTrainer, metrics: d
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from .adapter_export import export_adapter
     from .lora import lora_state_dict
 
     out = Path(spec.out)
@@ -248,11 +248,23 @@ def write_outputs(spec: TrainSpec, family: str, trainer: SkipTrainer, metrics: d
     pq.write_table(pa.Table.from_pylist(plan), out / "plan.parquet")
     tmp = out / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(tmp, family, lora_state_dict(trainer.t), spec.optim.rank, spec.optim.alpha)
+    export_adapter(tmp, lora_state_dict(trainer.t), adapter_info(spec, family, tuple(metrics["skip"])))
     shutil.rmtree(out / "adapter", ignore_errors=True)
     tmp.rename(out / "adapter")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return out
+
+
+def adapter_info(spec: TrainSpec, family: str, skip: tuple[int, int]):
+    """The adapter's self-description: only what decides its weights, so every run of a subject writes the same."""
+    from .adapter_export import AdapterInfo
+    from .stored import model_key
+
+    o = spec.optim
+    return AdapterInfo(family=family, base_model=Path(spec.model).resolve().name, base_model_key=model_key(spec.model),
+                       prompt=spec.prompt, skip=(int(skip[0]), int(skip[1])), num_blocks=num_blocks(spec.model),
+                       mode=spec.mode, steps=spec.steps, resolution=spec.resolution, s_max=spec.s_max, rank=o.rank,
+                       alpha=float(o.alpha or o.rank), targets=o.targets, lr=o.lr, seed=spec.seed)
 
 
 def sample_images(spec: TrainSpec, device: torch.device, prompts: list[str] | None = None) -> list[Path]:

@@ -29,7 +29,8 @@ from .modes import Mode
 @dataclass(frozen=True)
 class OptimConfig:
     rank: int = 16
-    alpha: float | None = None
+    alpha: float | None = None  # LoRA scale = alpha / rank; None: alpha = rank
+    targets: str = "attn"  # "attn" or "attn+ff" (method.lora.TARGET_CHOICES)
     lr: float = 1e-4
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
@@ -45,7 +46,7 @@ class SkipTrainer:
         self.n, self.m = skip
         self.kept = range(self.n, stack.num_blocks - self.m)
         self.device = torch.device(device)
-        self.params = add_lora(transformer, stack, self.kept, cfg.rank, cfg.alpha)
+        self.params = add_lora(transformer, stack, self.kept, cfg.rank, cfg.alpha, cfg.targets)
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step_count = 0
 

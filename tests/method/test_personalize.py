@@ -34,7 +34,8 @@ def test_metrics_and_outputs(trained):
 
 def test_adapter_keys_only_on_kept_blocks(trained):
     sd = load_file(trained / "adapter" / "pytorch_lora_weights.safetensors")
-    assert sd and all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k) for k in sd)
+    assert sd and all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k or k.endswith(".alpha"))
+                      for k in sd)
     blocks = {".".join(k.split(".")[1:3]) for k in sd}
     kept = {"transformer_blocks.1", "transformer_blocks.2", *(f"single_transformer_blocks.{i}" for i in range(4))}
     assert blocks == kept
@@ -57,6 +58,26 @@ def test_adapter_round_trip_in_stock_pipeline(trained, tiny_flux_dir, caplog):
     assert not [m for m in msgs if "No LoRA keys associated to Flux" in m], msgs
     tuned = pipe("a photo of sks toy", generator=torch.Generator().manual_seed(0), **kw).images[0]
     assert np.abs(base - tuned).max() > 1e-3
+
+
+def test_resumed_run_writes_byte_identical_adapter(trained, tiny_flux_dir, subject_dir, tmp_path):
+    """Issue 13 item 4: the same subject gives the same adapter bytes whether it ran straight or resumed."""
+    import shutil
+
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    base = ["train", "--model", str(tiny_flux_dir), "--images", str(subject_dir), "--skip", "1,2",
+            "--checkpoint-every", "2", *ARGS[:-8], "--samples", "0", *ARGS[-6:]]
+    assert main([*base, "--out", str(first)]) == 0
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(first / "checkpoints" / "step-000004", resumed / "checkpoints" / "step-000004")
+    assert main([*base, "--out", str(resumed)]) == 0
+    files = sorted(p.name for p in (first / "adapter").iterdir())
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "pytorch_lora_weights.safetensors"]
+    for name in files:
+        assert (first / "adapter" / name).read_bytes() == (resumed / "adapter" / name).read_bytes(), name
+    # and the run without checkpoints (the `trained` fixture, same flags) holds the same weights file
+    assert (trained / "adapter" / "pytorch_lora_weights.safetensors").read_bytes() == \
+        (first / "adapter" / "pytorch_lora_weights.safetensors").read_bytes()
 
 
 def _bad(tmp_path, name):
