@@ -51,6 +51,7 @@ class EstimateSpec:
     skip_ratio: float | None = None
     mode: str = "blockskip"
     rank: int = 16
+    lora_targets: str = "attn"  # "attn" or "attn+ff" (method.lora.TARGET_CHOICES), as `train --lora-targets`
     batch_size: int = 1
     text_tokens: int = 512
     gradient_checkpointing: bool = False
@@ -96,7 +97,7 @@ def build_trainer(family: str, cfg: dict[str, Any], skip: tuple[int, int], spec:
     kept = range(skip[0], n_blocks - skip[1])
     strip_blocks(t, [i for i in range(n_blocks) if i not in kept])
     stack = make_stack(t, vae)
-    optim = OptimConfig(rank=spec.rank, gradient_checkpointing=spec.gradient_checkpointing)
+    optim = OptimConfig(rank=spec.rank, targets=spec.lora_targets, gradient_checkpointing=spec.gradient_checkpointing)
     return SkipTrainer(t, stack, skip, get_mode(spec.mode), optim, "meta")
 
 
@@ -237,7 +238,7 @@ def estimate(spec: EstimateSpec) -> dict[str, Any]:
     return {
         "model": spec.model, "family": pr.family, "mode": spec.mode, "resolution": spec.resolution,
         "skip": list(pr.skip), "kept_blocks": [pr.skip[0], pr.num_blocks - pr.skip[1] - 1],
-        "num_blocks": pr.num_blocks, "rank": spec.rank, "batch_size": spec.batch_size,
+        "num_blocks": pr.num_blocks, "rank": spec.rank, "lora_targets": spec.lora_targets, "batch_size": spec.batch_size,
         "text_tokens": spec.text_tokens, "gradient_checkpointing": spec.gradient_checkpointing,
         "target": spec.target,
         "peak_memory_gib": mem.peak / GIB,
