@@ -112,6 +112,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     """The Ray Train worker: prepare -> features -> resume -> train (checkpoint + report) -> adapter -> samples."""
     import torch
 
+    from ..method.curves import PROGRESS_FILE, TrainingCurves, current_memory_bytes
     from ..method.personalize import num_blocks, peak_memory, reset_peak_memory, skipped_param_fraction
     from ..models.loading import load_kept_transformer
     from ..method.modes import get_mode
@@ -162,6 +163,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
         reset_peak_memory(device)  # metrics report the training phase's own peak (features + kept blocks held)
         fault = cfg.get("fault")
         t0, timed = None, 0
+        curves = TrainingCurves(Path(spec.out) / "logs", spec.steps,  # TensorBoard + progress for `blockskip status`
+                                sink=lambda p: store.write_json(f"subjects/{sid}/{PROGRESS_FILE}", p))
         try:
             for step, f in feats:
                 if fault and ckpt is None and step == fault[0]:
@@ -170,8 +173,11 @@ def train_loop(cfg: dict[str, Any]) -> None:
                     raise RuntimeError(f"injected fault at step {step}")
                 if t0 is None and step >= start + 1:
                     t0 = time.perf_counter()
+                t_step = time.perf_counter()
                 losses.append(trainer.train_step(text, f))
                 timed += t0 is not None
+                curves.log(trainer.step_count, losses[-1], trainer.opt.param_groups[0]["lr"],
+                           time.perf_counter() - t_step, current_memory_bytes(device))
                 last = trainer.step_count == spec.steps
                 if last or (spec.checkpoint_every and trainer.step_count % spec.checkpoint_every == 0):
                     with tempfile.TemporaryDirectory() as d:
@@ -182,6 +188,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
         except Exception as e:
             raise StageError("train", f"{type(e).__name__}: {e}") from e
         elapsed = time.perf_counter() - t0 if t0 is not None else 0.0
+        curves.close(Path(spec.out) / "loss_curve.png")
         peak, kind = peak_memory(device)
         metrics = {
             "subject_id": sid, "loss": losses, "steps_per_s": (timed / elapsed) if elapsed > 0 else None,
@@ -224,6 +231,10 @@ def _upload(store: Store, sid: str, out: Path, samples: list[Path], metrics: dic
     for p in samples:
         store.write_bytes(f"{prefix}/samples/{p.name}", p.read_bytes())
     store.write_bytes(f"{prefix}/plan.parquet", (out / "plan.parquet").read_bytes())
+    store.delete_prefix(f"{prefix}/logs")  # training curves: TensorBoard events, loss PNG, sample grid
+    for p in sorted([*(out / "logs").rglob("*"), out / "loss_curve.png", out / "sample_grid.png"]):
+        if p.is_file():
+            store.write_bytes(f"{prefix}/{p.relative_to(out).as_posix()}", p.read_bytes())
     metrics = {**metrics, "samples": [store.url(f"{prefix}/samples/{p.name}") for p in samples],
                "adapter": store.url(f"{prefix}/adapter")}
     store.write_json(f"{prefix}/metrics.json", metrics)

@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..models.loading import load_kept_transformer, load_pipeline, model_family, pixel_multiple
+from .curves import PROGRESS_FILE, TrainingCurves, current_memory_bytes, file_sink, sample_grid
 from .features import FeatureComputer
 from .images import load_images
 from .modes import check_skip, default_split, get_mode
@@ -173,18 +174,25 @@ def train(spec: TrainSpec, skip: tuple[int, int], text: dict, feats: Iterable[tu
         start = trainer.load_checkpoint(last)
         log(f"resumed from {last} at step {start}")
     losses, t0, timed = [], None, 0
+    out = Path(spec.out)
+    out.mkdir(parents=True, exist_ok=True)
+    curves = TrainingCurves(out / "logs", spec.steps, sink=file_sink(out / PROGRESS_FILE))
     for step, f in feats:
         if step < start:
             continue
         if t0 is None and step >= start + 1:  # the first step warms up: time the rest
             t0 = time.perf_counter()
+        t_step = time.perf_counter()
         losses.append(trainer.train_step(text, f))
         timed += t0 is not None
+        curves.log(trainer.step_count, losses[-1], trainer.opt.param_groups[0]["lr"], time.perf_counter() - t_step,
+                   current_memory_bytes(device))
         if spec.checkpoint_every and ckpt_dir is not None and trainer.step_count % spec.checkpoint_every == 0:
             trainer.save_checkpoint(ckpt_dir / f"step-{trainer.step_count:06d}")
         if (step + 1) % max(1, spec.steps // 10) == 0:
             log(f"  step {step + 1}/{spec.steps} loss {losses[-1]:.4f}")
     elapsed = time.perf_counter() - t0 if t0 is not None else 0.0
+    curves.close(out / "loss_curve.png")
     peak, kind = peak_memory(device)
     metrics = {
         "loss": losses, "steps_per_s": (timed / elapsed) if elapsed > 0 else None, "peak_memory_bytes": peak,
@@ -282,6 +290,8 @@ def sample_images(spec: TrainSpec, device: torch.device, prompts: list[str] | No
         p = out / f"sample_{i:02d}.png"
         im.save(p)
         paths.append(p)
+    if paths:
+        sample_grid(paths, out.parent / "sample_grid.png")
     return paths
 
 

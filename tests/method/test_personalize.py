@@ -32,6 +32,17 @@ def test_metrics_and_outputs(trained):
     assert (trained / "plan.parquet").is_file() and len(list((trained / "samples").glob("*.png"))) == 1
 
 
+def test_training_curves_written(trained):
+    from test_curves import read_scalars
+
+    assert [s for s, _ in read_scalars(trained / "logs")["train/loss"]] == list(range(1, 7))
+    progress = json.loads((trained / "progress.json").read_text())
+    assert progress["step"] == progress["steps"] == 6 and progress["loss"] == json.loads(
+        (trained / "metrics.json").read_text())["loss"][-1]
+    assert Image.open(trained / "loss_curve.png").size == (640, 400)
+    assert Image.open(trained / "sample_grid.png").size[1] == 64 + 8
+
+
 def test_adapter_keys_only_on_kept_blocks(trained):
     sd = load_file(trained / "adapter" / "pytorch_lora_weights.safetensors")
     assert sd and all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k or k.endswith(".alpha"))
