@@ -58,22 +58,32 @@ def register(subparsers) -> None:
                     "Outputs go to demo-out/ (store: demo-out/store, served images: demo-out/served).")
     p.add_argument("--out", default="demo-out", help="directory for the store and scratch files (default demo-out)")
     p.add_argument("--no-serve", action="store_true", help="stop after training (skip the HTTP serving step)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's, Ray Train/Serve's and the libraries' output (default: OUT/demo.log only)")
     p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE",
                    help="override any field of the demo job")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..distributed.console import console
     from ..distributed.jobs import run_and_serve
     from ..distributed.jobspec import load_spec
+    from ..store.uri import Store
     from ._overrides import take_options
 
-    overrides = take_options(args, list(args.overrides), {"out": str, "no_serve": None})
+    overrides = take_options(args, list(args.overrides), {"out": str, "no_serve": None, "verbose": None})
     data = yaml.safe_load(DEMO_JOB_YAML)
     data["store"], data["work_dir"] = f"{args.out}/store", f"{args.out}/work"
     job = load_spec(data, overrides)
     t0 = time.perf_counter()
-    result, _ = run_and_serve(job, None if args.no_serve else f"{args.out}/served",
-                              report=lambda m: print(m, flush=True))
-    print(f"demo finished in {time.perf_counter() - t0:.0f} s; status: blockskip status {job.job_id} --store {job.store}")
+    log_file = f"{args.out}/demo.log"
+    with console(getattr(args, "verbose", False), log_file) as con:
+        if not con.verbose:
+            con.event(f"blockskip demo: {job.job_id} (Ray and library output: {log_file}; --verbose shows it)")
+        with con.watch(Store.open(job.store), job.job_id):
+            result, _ = run_and_serve(job, None if args.no_serve else f"{args.out}/served", report=con.event,
+                                      log=con.event)
+        con.event(f"demo finished in {time.perf_counter() - t0:.0f} s; outputs: {job.store}/subjects/*/ (adapter, "
+                  f"samples, logs/, loss_curve.png); status: blockskip status {job.job_id} --store {job.store}")
     return 0 if result.ok else 1

@@ -6,7 +6,6 @@ from .train import parse_skip
 import argparse
 import json
 
-from ..plan_cost.estimate import EstimateSpec, estimate
 
 
 _skip = parse_skip  # one --skip parser for every command
@@ -31,6 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", default="blockskip", choices=["lora", "resize", "naive-skip", "blockskip"],
                    help="training mode; lora trains every block (no skip)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--lora-targets", default="attn", choices=["attn", "attn+ff"],
+                   help="LoRA on the attention projections, or also on the feed-forward layers (default attn)")
     p.add_argument("--batch-size", type=int, default=1, help="images per step (default 1)")
     p.add_argument("--text-tokens", type=int, default=512, help="prompt length in tokens (default 512, the "
                    "trainer's max_text_tokens)")
@@ -42,9 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..plan_cost.estimate import EstimateSpec, estimate  # here, not at the top: keeps `--help` fast
+
     result = estimate(EstimateSpec(
         model=args.model, resolution=args.resolution, skip=args.skip, skip_ratio=args.skip_ratio, mode=args.mode,
-        rank=args.rank, batch_size=args.batch_size, text_tokens=args.text_tokens,
+        rank=args.rank, lora_targets=args.lora_targets, batch_size=args.batch_size, text_tokens=args.text_tokens,
         gradient_checkpointing=args.gradient_checkpointing, target=args.target))
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0
@@ -54,7 +57,7 @@ def format_table(r: dict) -> str:
     lines = [
         f"model {r['model']} ({r['family']}), mode {r['mode']}, {r['resolution']}x{r['resolution']}, "
         f"skip n={r['skip'][0]} m={r['skip'][1]} (blocks {r['kept_blocks'][0]}..{r['kept_blocks'][1]} of "
-        f"{r['num_blocks']} kept), rank {r['rank']}, batch {r['batch_size']}, text {r['text_tokens']} tokens, "
+        f"{r['num_blocks']} kept), rank {r['rank']} ({r['lora_targets']}), batch {r['batch_size']}, text {r['text_tokens']} tokens, "
         f"gradient checkpointing {'on' if r['gradient_checkpointing'] else 'off'}, modeled run: {r['target']}",
     ]
     # tiny configs are MiB-sized: print them in MiB rather than as a column of 0.00 GiB

@@ -11,9 +11,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Write a complete diffusers pipeline (tiny random transformer, VAE, text encoders, tokenizers built "
                     "locally) to OUT. FluxPipeline.from_pretrained(OUT) / SanaPipeline.from_pretrained(OUT) loads it.",
     )
-    p.add_argument("--family", choices=["flux", "sana"], required=True)
+    p.add_argument("--family", choices=["flux", "sana"], required=True, help="architecture of the pipeline to build")
     p.add_argument("--size", choices=["tiny"], default="tiny", help="only 'tiny' can be built without weights")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("out", type=Path, help="output directory (must not exist or be empty)")
     p.set_defaults(func=run)
 

@@ -28,9 +28,9 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=500, help="training steps to precompute (default 500)")
     p.add_argument("--resolution", type=int, default=256, help="s_min: crops are resized to this (default 256)")
     p.add_argument("--s-max", type=int, default=None, help="largest crop side (default: image's shorter side)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-text-tokens", type=int, default=512)
-    p.add_argument("--guidance", type=float, default=3.5)
+    p.add_argument("--seed", type=int, default=0, help="plan seed (crops, timesteps, noise); must match training's --seed")
+    p.add_argument("--max-text-tokens", type=int, default=512, help="max text tokens (T5 for FLUX, Gemma for SANA)")
+    p.add_argument("--guidance", type=float, default=3.5, help="FLUX guidance value fed to the embedder")
     p.add_argument("--feature-dtype", choices=["bf16", "fp32", "fp8_e4m3"], default="bf16",
                    help="how features are stored (default bf16; fp8_e4m3 uses per-token scales)")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor (0: CPU actors)")

@@ -15,6 +15,8 @@ def register(subparsers) -> None:
         epilog="Overrides use the YAML's keys: train.steps=200 ray.concurrency=4 catalog=cat.jsonl strict=true")
     p.add_argument("job", help="job spec YAML (see jobs/*.yaml and docs/jobs.md)")
     p.add_argument("--store", help="store URI (local path or s3://bucket/prefix); overrides the job's store")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's, Ray Train's and the libraries' output (default: WORK_DIR/JOB_ID.log only)")
     p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE",
                    help="override any job field, nested with dots")
     p.set_defaults(func=run)
@@ -25,11 +27,19 @@ def run(args: argparse.Namespace) -> int:
     from ..distributed.jobspec import load_spec
     from ._overrides import take_options
 
-    overrides = take_options(args, list(args.overrides), {"store": str})
+    overrides = take_options(args, list(args.overrides), {"store": str, "verbose": None})
     overrides = overrides + ([f"store={args.store}"] if args.store else [])
     job = load_spec(args.job, overrides)
-    result = run_job(job)
-    print(summary(result))
+    from ..distributed.console import console
+    from ..store.uri import Store
+
+    log_file = f"{job.work_dir}/{job.job_id}.log"
+    with console(getattr(args, "verbose", False), log_file) as con:
+        if not con.verbose:
+            con.event(f"[{job.job_id}] Ray and library output: {log_file} (--verbose shows it)")
+        with con.watch(Store.open(job.store), job.job_id):
+            result = run_job(job, log=con.event)
+        con.event(summary(result))
     return 0 if result.ok else 1
 
 

@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="local diffusers directory (FLUX or SANA), e.g. from init-model")
     p.add_argument("--store", required=True, help="store URI (local path or s3://bucket/prefix) holding subjects/{id}/adapter/")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; 0.0.0.0 to expose)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--cache-size", type=int, default=3, help="adapters kept loaded per replica (LRU)")
     p.add_argument("--max-ongoing", type=int, default=2, help="requests in flight per Generator replica")
     p.add_argument("--max-queued", type=int, default=16, help="requests waiting beyond that; more get 503")
@@ -30,13 +30,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (default: 1 if CUDA is visible, else 0)")
     p.add_argument("--device", default="auto", help="auto (CUDA with bf16 when available, else CPU fp32), cpu, cuda")
     p.add_argument("--token", default=None, help="bearer token (default: $BLOCKSKIP_API_TOKEN)")
-    p.add_argument("--max-steps", type=int, default=_L.max_steps)
-    p.add_argument("--default-steps", type=int, default=_L.default_steps)
-    p.add_argument("--min-side", type=int, default=_L.min_side)
-    p.add_argument("--max-side", type=int, default=_L.max_side)
-    p.add_argument("--default-side", type=int, default=_L.default_side)
+    p.add_argument("--max-steps", type=int, default=_L.max_steps, help="largest steps a request may ask for")
+    p.add_argument("--default-steps", type=int, default=_L.default_steps, help="denoising steps when a request gives none")
+    p.add_argument("--min-side", type=int, default=_L.min_side, help="smallest width/height in pixels")
+    p.add_argument("--max-side", type=int, default=_L.max_side, help="largest width/height in pixels")
+    p.add_argument("--default-side", type=int, default=_L.default_side, help="width/height when a request gives none")
     p.add_argument("--multiple", type=int, default=_L.multiple, help="width/height must be multiples of this (32 for SANA)")
-    p.add_argument("--max-prompt-chars", type=int, default=_L.max_prompt_chars)
+    p.add_argument("--max-prompt-chars", type=int, default=_L.max_prompt_chars, help="longest prompt accepted (characters)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's, Serve's and the libraries' output (default: only in --log-file)")
+    p.add_argument("--log-file", default="blockskip-serve.log", help="where Ray/Serve/library output goes unless --verbose")
     p.set_defaults(func=run)
 
 
@@ -57,4 +60,9 @@ def run(args: argparse.Namespace) -> int:
         "default_steps": args.default_steps, "min_side": args.min_side, "max_side": args.max_side,
         "default_side": args.default_side, "multiple": args.multiple, "max_prompt_chars": args.max_prompt_chars,
     }
-    return run_server(app_args, args.host, args.port)
+    from ..distributed.console import console
+
+    with console(args.verbose, args.log_file) as con:
+        if not con.verbose:
+            con.event(f"starting Ray Serve (Ray and library output: {args.log_file}; --verbose shows it)")
+        return run_server(app_args, args.host, args.port, log=con.event)

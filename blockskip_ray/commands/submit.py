@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(subparsers) -> None:
@@ -12,7 +13,7 @@ def register(subparsers) -> None:
                     "job's working_dir; relative paths in the job resolve there. The spec and overrides are "
                     "validated before anything is uploaded.")
     p.add_argument("job", help="job spec YAML")
-    p.add_argument("--address", help="(required) Ray job server address, e.g. http://HEAD:8265")
+    p.add_argument("--address", help="Ray job server address, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)")
     p.add_argument("--store", help="store URI for the job (overrides the YAML's store)")
     p.add_argument("--working-dir", help="directory uploaded as the job's working_dir (default: the checkout "
                                           "holding JOB.yaml, else JOB.yaml's directory)")
@@ -25,17 +26,25 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def follow_hint(address: str, sid: str) -> str:
+    """The `ray job logs` command to follow the job; with a token in RAY_AUTH_TOKEN the ray CLI also needs
+    RAY_AUTH_MODE=token (it ignores the token otherwise)."""
+    auth = "RAY_AUTH_MODE=token " if os.environ.get("RAY_AUTH_TOKEN", "").strip() else ""
+    return f"{auth}ray job logs --address {address} --follow {sid}"
+
+
 def run(args: argparse.Namespace) -> int:
     from ..distributed.submit import logs, submit, wait
     from ._overrides import take_options
 
     args.overrides = take_options(args, list(args.overrides), {
         "address": str, "store": str, "working_dir": str, "python": str, "wait": None, "timeout": float})
+    args.address = args.address or os.environ.get("RAY_ADDRESS", "").strip() or None
     if not args.address:
-        raise ValueError("--address is required (the Ray job server, e.g. http://HEAD:8265)")
+        raise ValueError("--address (or RAY_ADDRESS) is required: the Ray job server, e.g. http://HEAD:8265")
     sid, entrypoint = submit(args.job, args.address, args.store, list(args.overrides), args.working_dir, args.python)
     print(f"submitted {sid}: {entrypoint}")
-    print(f"follow: ray job logs --address {args.address} --follow {sid}")
+    print(f"follow: {follow_hint(args.address, sid)}")
     if not args.wait:
         return 0
     status = wait(args.address, sid, timeout_s=args.timeout)

@@ -7,6 +7,9 @@ from pathlib import Path
 
 from ..method.modes import MODES
 
+# = method.lora.TARGET_CHOICES, spelled out so `--help` does not import torch/peft (a test keeps them equal)
+TARGET_CHOICES = ("attn", "attn+ff")
+
 
 def parse_skip(text: str) -> tuple[int, int]:
     try:
@@ -33,25 +36,36 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "the features (--steps, --resolution, --s-max, --seed, --text-tokens, --prompt, skip) must "
                           "match the precompute run")
     p.add_argument("--prompt", required=True, help='instance prompt, e.g. "a photo of sks toy"')
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path,
+                   help="output directory: adapter/, metrics.json, samples/, logs/ (TensorBoard), loss_curve.png")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--skip-ratio", type=float, help="fraction of blocks to skip; split from the selection table or the default")
-    g.add_argument("--skip", type=parse_skip, help="explicit skip plan N,M: skip the first N and the last M blocks")
-    p.add_argument("--mode", choices=sorted(MODES), default="blockskip")
-    p.add_argument("--steps", type=int, default=500)
+    g.add_argument("--skip-ratio", type=float,
+                   help="fraction of blocks to skip; split from the selection table (--store) or the default rule "
+                        "(default 0.3 unless --skip)")
+    g.add_argument("--skip", type=parse_skip, metavar="N,M", help="explicit skip plan: skip the first N and the last M blocks")
+    p.add_argument("--mode", choices=sorted(MODES), default="blockskip",
+                   help="blockskip (the method), lora (all blocks), naive-skip, resize")
+    p.add_argument("--steps", type=int, default=500, help="training steps (one crop per step)")
     p.add_argument("--resolution", type=int, default=256, help="s_min: training resolution (multiple of 16 for FLUX)")
     p.add_argument("--s-max", type=int, default=None, help="largest crop side (default: each image's shorter side, capped at 1024)")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--subject-id", default="subject")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="LoRA alpha; the update is scaled by alpha/rank (default: alpha = rank, scale 1)")
+    p.add_argument("--lora-targets", choices=TARGET_CHOICES, default="attn",
+                   help="attn: the attention projections; attn+ff: also the feed-forward layers, as diffusers' "
+                        "DreamBooth FLUX LoRA script")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the plan (crops, timesteps, noise) and the LoRA init")
+    p.add_argument("--subject-id", default="subject", help="the subject's id (its key in a store for --features)")
     p.add_argument("--text-tokens", type=int, default=512, help="max text tokens (T5 for FLUX, Gemma for SANA)")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="save LoRA+optimizer+RNG every K steps (resumable)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each kept block's activations in backward (less memory, ~30%% slower)")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="save LoRA+optimizer+RNG every K steps in OUT/checkpoints (resumable; 0: never)")
     p.add_argument("--samples", type=int, default=2, help="sample images to generate after training")
-    p.add_argument("--sample-steps", type=int, default=20)
+    p.add_argument("--sample-steps", type=int, default=20, help="denoising steps per sample image")
     p.add_argument("--store", default=None, help="store URI whose selection table (models/*/selection.json) sets the split for --skip-ratio")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1")
     p.set_defaults(func=run)
 
 
@@ -66,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         skip=args.skip, skip_ratio=args.skip_ratio, mode=args.mode, steps=args.steps, resolution=args.resolution,
         s_max=args.s_max, seed=args.seed, max_text_tokens=args.text_tokens, checkpoint_every=args.checkpoint_every,
         num_samples=args.samples, sample_steps=args.sample_steps, device=args.device,
-        optim=OptimConfig(rank=args.rank, lr=args.lr, gradient_checkpointing=args.gradient_checkpointing),
+        optim=OptimConfig(rank=args.rank, alpha=args.alpha, targets=args.lora_targets, lr=args.lr, gradient_checkpointing=args.gradient_checkpointing),
     )
     lookup = _selection_lookup(args.store, args.model) if args.store else None
     features = None
