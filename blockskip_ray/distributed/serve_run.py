@@ -58,8 +58,8 @@ def running_app(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000,
             ray.shutdown()
 
 
-def run_server(args: dict[str, Any], host: str, port: int) -> int:
-    """Serve until SIGINT or SIGTERM, then shut down Serve and Ray cleanly."""
+def run_server(args: dict[str, Any], host: str, port: int, log: Callable[[str], None] = print) -> int:
+    """Serve until SIGINT or SIGTERM, then shut down Serve and Ray cleanly; `log` gets the two status lines."""
     stop = threading.Event()
     previous: dict[int, Any] = {}
 
@@ -72,11 +72,11 @@ def run_server(args: dict[str, Any], host: str, port: int) -> int:
     try:
         with running_app(args, host, port, after_init=handle_signals) as url:
             auth = "on (Authorization: Bearer ...)" if (args.get("token") or os.environ.get(TOKEN_ENV)) else "off"
-            print(f"serving {url}  (POST /v1/images, GET /v1/adapters, GET /healthz, docs at {url}/docs; "
-                  f"auth {auth}); Ctrl-C to stop", flush=True)
+            log(f"serving {url}  (POST /v1/images, GET /v1/adapters, GET /healthz, docs at {url}/docs; "
+                  f"auth {auth}); Ctrl-C to stop")
             while not stop.wait(0.5):
                 pass
-            print("shutting down", flush=True)
+            log("shutting down")
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
