@@ -98,6 +98,14 @@ def prepare(spec: TrainSpec, lookup=None, log: Callable[[str], None] = print):
     return family, images, plan, skip
 
 
+def progress_bar(total: int, desc: str, enabled: bool = True):
+    """A tqdm bar on stderr when it is a terminal (disabled otherwise, and when not `enabled`)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False,
+                disable=not (enabled and sys.stderr.isatty()))
+
+
 def precompute(spec: TrainSpec, images, plan: list[dict], skip: tuple[int, int], device: torch.device,
                progress: bool = True) -> tuple[dict, Iterable[tuple[int, dict]]]:
     """Load the frozen pipeline once, compute the subject's text and every step's features."""
@@ -106,10 +114,13 @@ def precompute(spec: TrainSpec, images, plan: list[dict], skip: tuple[int, int],
     fc = FeatureComputer(pipe, skip, get_mode(spec.mode), spec.max_text_tokens, spec.optim.guidance)
     text = fc.text(spec.prompt)
     feats = []
+    bar = progress_bar(len(plan), "precompute", enabled=progress)
     for i, (step, f) in enumerate(fc.iter_steps(images, plan, text)):
         feats.append((step, f))
-        if progress and (i + 1) % max(1, len(plan) // 10) == 0:
+        bar.update(1)
+        if progress and bar.disable and (i + 1) % max(1, len(plan) // 10) == 0:  # no terminal: plain lines
             print(f"  precompute {i + 1}/{len(plan)}", file=sys.stderr, flush=True)
+    bar.close()
     del pipe, fc
     gc.collect()
     return text, feats
@@ -177,6 +188,8 @@ def train(spec: TrainSpec, skip: tuple[int, int], text: dict, feats: Iterable[tu
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
     curves = TrainingCurves(out / "logs", spec.steps, sink=file_sink(out / PROGRESS_FILE))
+    bar = progress_bar(spec.steps, "train", enabled=log is print)  # `blockskip train` on a terminal
+    bar.update(start)
     for step, f in feats:
         if step < start:
             continue
@@ -187,11 +200,14 @@ def train(spec: TrainSpec, skip: tuple[int, int], text: dict, feats: Iterable[tu
         timed += t0 is not None
         curves.log(trainer.step_count, losses[-1], trainer.opt.param_groups[0]["lr"], time.perf_counter() - t_step,
                    current_memory_bytes(device))
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
         if spec.checkpoint_every and ckpt_dir is not None and trainer.step_count % spec.checkpoint_every == 0:
             trainer.save_checkpoint(ckpt_dir / f"step-{trainer.step_count:06d}")
-        if (step + 1) % max(1, spec.steps // 10) == 0:
+        if bar.disable and (step + 1) % max(1, spec.steps // 10) == 0:  # the bar shows it on a terminal
             log(f"  step {step + 1}/{spec.steps} loss {losses[-1]:.4f}")
     elapsed = time.perf_counter() - t0 if t0 is not None else 0.0
+    bar.close()
     curves.close(out / "loss_curve.png")
     peak, kind = peak_memory(device)
     metrics = {

@@ -76,3 +76,25 @@ def test_sample_grid(tmp_path):
     g = Image.open(sample_grid(paths, tmp_path / "grid.png")).convert("RGB")
     assert g.size == (3 * 32 + 4 * 4, 32 + 2 * 4)
     assert g.getpixel((4 + 16, 20)) == (255, 0, 0) and g.getpixel((4 + 2 * 36 + 16, 20)) == (0, 0, 255)
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    import io
+    import sys
+
+    from blockskip_ray.method.personalize import progress_bar
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Tty()
+    monkeypatch.setattr(sys, "stderr", term)
+    bar = progress_bar(4, "train")
+    bar.update(4)
+    bar.refresh()
+    bar.close()
+    assert "train" in term.getvalue() and "4/4" in term.getvalue()
+    assert progress_bar(4, "train", enabled=False).disable
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert progress_bar(4, "train").disable
