@@ -47,7 +47,8 @@ class TrainSection:
     max_text_tokens: Pos = 512
     checkpoint_every: NonNeg = 50
     rank: Pos = 16
-    alpha: Optional[PosFloat] = None
+    alpha: Optional[PosFloat] = None  # LoRA scale alpha/rank; None: alpha = rank
+    lora_targets: Literal["attn", "attn+ff"] = "attn"  # method/lora.TARGET_CHOICES (a test keeps them equal)
     lr: PosFloat = 1e-4
     weight_decay: NonNegFloat = 1e-4
     grad_clip: NonNegFloat = 1.0  # 0: no clipping

@@ -68,7 +68,7 @@ def failure_reason(exc: BaseException) -> tuple[str, str]:
 def subject_train_spec(job: JobSpec, model_dir: str, subject_id: str, prompt: str, images: str,
                        skip: tuple[int, int] | None, out: str) -> TrainSpec:
     t = job.train
-    optim = OptimConfig(rank=t.rank, alpha=t.alpha, lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+    optim = OptimConfig(rank=t.rank, alpha=t.alpha, targets=t.lora_targets, lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
                         guidance=t.guidance, gradient_checkpointing=t.gradient_checkpointing,
                         mixed_precision=t.mixed_precision)
     return TrainSpec(model=model_dir, images=images, prompt=prompt, out=out, subject_id=subject_id,
