@@ -19,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "(preferred: keeps it out of the process list) or --token to require 'Authorization: Bearer "
                     "<token>' (not on /healthz, /docs). Stops cleanly on Ctrl-C or SIGTERM. See docs/serving.md.",
     )
-    p.add_argument("--model", required=True, help="local diffusers directory (FLUX or SANA), e.g. from init-model")
+    p.add_argument("--model", required=True, help="local diffusers directory (FLUX or SANA), e.g. from init-model, or "
+                   "the s3:// URI of one published with `python -m blockskip_ray.models.fetch publish` (fetched "
+                   "once per node into $BLOCKSKIP_MODEL_CACHE, verified)")
     p.add_argument("--store", required=True, help="store URI (local path or s3://bucket/prefix) holding subjects/{id}/adapter/")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; 0.0.0.0 to expose)")
     p.add_argument("--port", type=int, default=8000)
@@ -44,12 +46,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..distributed.serve_run import run_server
-    from ..models.loading import model_family
+    from ..models.fetch import check_model, is_store_uri
 
-    model_family(args.model)  # a clear error now rather than a failed replica later
+    check_model(args.model)  # a clear error now rather than a failed replica later
     num_gpus = args.num_gpus if args.num_gpus is not None else (1.0 if torch.cuda.is_available() and args.device != "cpu" else 0.0)
     app_args = {
-        "model": os.path.abspath(args.model), "device": args.device, "token": args.token,
+        "model": args.model if is_store_uri(args.model) else os.path.abspath(args.model), "device": args.device, "token": args.token,
         # Replicas may run in another working directory: a local store path must be absolute.
         "store": args.store if "://" in args.store else os.path.abspath(args.store),
         "cache_size": args.cache_size, "num_replicas": args.replicas, "num_gpus": num_gpus,

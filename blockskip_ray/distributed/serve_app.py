@@ -34,6 +34,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..http_guard import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, GuardConfig, HttpGuard
+from ..models.fetch import check_model
 from ..models.loading import load_pipeline
 from ..serving import (AdapterHost, Cancelled, ImageRequest, Job, ServeLimits, check_bearer, pick_device_dtype,
                        resolve, token_digest)
@@ -59,7 +60,7 @@ class _Lease:
 class Generator:
     def __init__(self, model: str, store: str, device: str = "auto", cache_size: int = 3):
         dev, dtype = pick_device_dtype(device)
-        pipe = load_pipeline(model, dev, dtype)  # once per replica
+        pipe = load_pipeline(model, dev, dtype)  # once per replica; an s3:// model is fetched once per node
         self.host = AdapterHost(pipe, Store.open(store), tempfile.mkdtemp(prefix="blockskip-serve-"))
         self.cache_size = cache_size
 
@@ -261,6 +262,9 @@ def build_app(args: dict[str, Any]):
     """Application builder: `serve run blockskip_ray.distributed.serve_app:build_app model=M store=S [k=v ...]`."""
     a = parse_args(args)
     limits = ServeLimits(**{f.name: a[f.name] for f in fields(ServeLimits)})
+    # A hub id, an unpublished URI or a directory that is no FLUX/SANA pipeline fails here, in one line,
+    # before any replica starts (replicas fetch an s3:// model into their node's cache, see models/fetch.py).
+    check_model(a["model"])
     token = a["token"] or os.environ.get(TOKEN_ENV)
     backpressure = BackpressureConfig(retry_after_s=a["retry_after_s"])
     gen = Generator.options(

@@ -298,8 +298,9 @@ def test_abandoned_request_is_cancelled(server):
     assert png(client, "toy-a", seed=2)  # and the replica serves the next request
 
 
-def test_queues_are_bounded_with_retry_after():
-    app = build_app({"model": "m", "store": "s", "max_queued": 5, "retry_after_s": 3})
+def test_queues_are_bounded_with_retry_after(server):
+    _, model, store = server
+    app = build_app({"model": str(model), "store": str(store), "max_queued": 5, "retry_after_s": 3})
     ingress = app._bound_deployment
     gen = ingress.init_args[0]._bound_deployment
     assert gen.max_queued_requests == 5 and gen.backpressure_config.retry_after_s == 3
