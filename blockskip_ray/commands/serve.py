@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..http_guard import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
 from ..serving import ServeLimits
 
 _L = ServeLimits()
@@ -39,6 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--default-side", type=int, default=_L.default_side)
     p.add_argument("--multiple", type=int, default=_L.multiple, help="width/height must be multiples of this (32 for SANA)")
     p.add_argument("--max-prompt-chars", type=int, default=_L.max_prompt_chars)
+    p.add_argument("--max-step-pixels", type=int, default=_L.max_step_pixels,
+                   help="compute budget of one request: steps x width x height (default admits 28 steps at 1024x1024)")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="larger request bodies get 413 without being read")
+    p.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                   help="seconds a client has to send its whole body (else 408)")
     p.set_defaults(func=run)
 
 
@@ -58,5 +65,7 @@ def run(args: argparse.Namespace) -> int:
         "max_ongoing": args.max_ongoing, "max_queued": args.max_queued, "max_steps": args.max_steps,
         "default_steps": args.default_steps, "min_side": args.min_side, "max_side": args.max_side,
         "default_side": args.default_side, "multiple": args.multiple, "max_prompt_chars": args.max_prompt_chars,
+        "max_step_pixels": args.max_step_pixels, "max_body_bytes": args.max_body_bytes,
+        "body_timeout_s": args.body_timeout,
     }
     return run_server(app_args, args.host, args.port)
