@@ -58,10 +58,10 @@ def resolve_model(job: JobSpec, log: Log = _stderr) -> str:
             log(f"building the tiny {family} model into {out}")
             init_model(family, out)
         return str(out.resolve())
-    from ..models.fetch import check_model, ensure_local
-    check_model(job.model)  # hub ids, unpublished URIs, non-pipelines: one line, before any worker starts
+    from ..models import fetch
+    fetch.check_model(job.model)  # hub ids, unpublished URIs, non-pipelines: one line, before any worker starts
     # s3://: fetched once per node into its model cache (workers fetch the same path on their own node).
-    return str(ensure_local(job.model).resolve())
+    return str(fetch.ensure_local(job.model).resolve())
 
 
 def resolve_catalog(job: JobSpec, log: Log = _stderr) -> str:

@@ -135,3 +135,11 @@ def test_jobs_take_a_store_model(s3, tiny_flux_dir, cache, tmp_path):
     assert resolve_model(JobSpec(job_id="j1", model=uri, work_dir=str(tmp_path))) == str(cache_dir_for(uri))
     with pytest.raises(ValueError, match="hub ids are not downloaded"):
         resolve_model(JobSpec(job_id="j2", model="black-forest-labs/FLUX.1-dev", work_dir=str(tmp_path)))
+
+
+def test_job_spec_accepts_s3_models_only():
+    from blockskip_ray.distributed.jobspec import load_spec
+
+    assert load_spec({"job_id": "j", "model": "s3://bucket/models/flux"}).model == "s3://bucket/models/flux"
+    with pytest.raises(ValueError, match="local diffusers pipeline directory or an s3:// URI"):
+        load_spec({"job_id": "j", "model": "gs://bucket/models/flux"})
