@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..models.loading import load_pipeline
+from ..models.loading import generation_kwargs, load_pipeline
 from .masking import masked
 from .metrics import DinoEmbedder
 
@@ -66,6 +66,7 @@ def generate(pipe, prompt: str, seed: int, steps: int, size: int, blocks: frozen
              guidance: float | None = None) -> Image.Image:
     """The same seed gives the same initial noise, so masked and unmasked generations differ only by the mask."""
     extra = {"use_resolution_binning": False} if type(pipe).__name__ == "SanaPipeline" else {}
+    extra.update(generation_kwargs(pipe))
     if guidance is not None:
         extra["guidance_scale"] = guidance
     g = torch.Generator("cpu").manual_seed(int(seed))

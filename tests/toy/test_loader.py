@@ -1,0 +1,51 @@
+"""toy:* model ids: resolution to the shipped weights, clear errors, hub ids still refused; toy:N catalogs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import blockskip_ray.toy as toy
+from blockskip_ray.distributed.jobs import resolve_catalog, resolve_model
+from blockskip_ray.distributed.jobspec import load_spec
+
+
+def _job(tmp_path, model, catalog=None):
+    return load_spec({"job_id": "t", "model": model, "catalog": catalog, "store": str(tmp_path / "s"),
+                      "work_dir": str(tmp_path / "w")})
+
+
+def test_toy_ids_resolve_to_the_shipped_directory(tmp_path, monkeypatch):
+    fake = tmp_path / "weights" / "flux"
+    fake.mkdir(parents=True)
+    (fake / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    monkeypatch.setitem(toy.TOY_MODELS, "toy:flux", fake)
+    assert toy.resolve_model_arg("toy:flux") == str(fake)
+    assert resolve_model(_job(tmp_path, "toy:flux"), log=lambda m: None) == str(fake)
+    assert toy.resolve_model_arg("/some/local/dir") == "/some/local/dir"  # not a toy id: unchanged
+
+
+def test_toy_id_errors(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="unknown toy model 'toy:sana'"):
+        toy.resolve_model_arg("toy:sana")
+    with pytest.raises(ValueError, match="only toy pipeline is toy:flux"):
+        resolve_model(_job(tmp_path, "toy:dino"), log=lambda m: None)
+    monkeypatch.setitem(toy.TOY_MODELS, "toy:flux", tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="rebuild them with `python -m blockskip_ray.toy.pretrain"):
+        toy.toy_model_dir("toy:flux")
+
+
+def test_hub_ids_are_still_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a diffusers pipeline directory"):
+        resolve_model(_job(tmp_path, "black-forest-labs/FLUX.1-dev"), log=lambda m: None)
+
+
+def test_toy_catalog_writes_held_out_subjects(tmp_path):
+    path = resolve_catalog(_job(tmp_path, "toy:flux", "toy:2"), log=lambda m: None)
+    rows = [json.loads(line) for line in open(path)]
+    assert [r["id"] for r in rows] == ["toy-0", "toy-1"]
+    assert rows[0]["prompt"] == "a sks toy" and rows[0]["eval_prompts"]
+    assert len(list((tmp_path / "w" / "catalog" / "toy-0").glob("*.png"))) == 5
+    for bad in ("toy:0", "toy:99", "toy:x"):
+        with pytest.raises(ValueError, match="expected toy:N"):
+            resolve_catalog(_job(tmp_path, "toy:flux", bad), log=lambda m: None)
