@@ -34,7 +34,7 @@ from blockskip_ray.method.trainer import OptimConfig  # noqa: E402
 from blockskip_ray.models.loading import generation_kwargs, load_pipeline  # noqa: E402
 from blockskip_ray.probe.metrics import ClipEmbedder, DinoEmbedder, score_subject  # noqa: E402
 from blockskip_ray.toy import resolve_model_arg  # noqa: E402
-from blockskip_ray.toy.domain import HELD_OUT, eval_prompts, subject_images, subject_prompt, write_subject  # noqa: E402
+from blockskip_ray.toy.domain import SIZE, HELD_OUT, eval_prompts, subject_images, subject_prompt, write_subject  # noqa: E402
 
 
 def configs(n: int, probe: dict[str, tuple[int, int]]) -> list[tuple[str, str, tuple[int, int] | None]]:
@@ -67,7 +67,7 @@ def run_probe(model: str, dino: str, subjects: list[int], work: Path, args, log)
             for seed in (0, 1):
                 for blocks in plan.masked_sets():
                     emb[((s, p, seed), blocks)] = torch.tensor(
-                        worker.embed(p, seed, blocks, args.sample_steps, 64, files))
+                        worker.embed(p, seed, blocks, args.sample_steps, SIZE, files))
         log(f"  probe subject toy-{s}: {len(plan.masked_sets())} masked sets x 4 samples")
     return summarize(plan, mean_distances(emb))
 
@@ -78,8 +78,8 @@ def _spec(model: str, subject: int, seed: int, mode: str, skip, out: Path, args)
         write_subject(subject, images)
     lora = mode == "lora"
     return TrainSpec(model=model, images=str(images), prompt=subject_prompt(), out=str(out), subject_id=f"toy-{subject}",
-                     skip=None if lora else skip, mode=mode, steps=args.steps, resolution=64 if lora else 32,
-                     s_max=None if lora else 64, seed=seed, max_text_tokens=16, num_samples=0, device="cpu",
+                     skip=None if lora else skip, mode=mode, steps=args.steps, resolution=SIZE if lora else SIZE // 2,
+                     s_max=None if lora else SIZE, seed=seed, max_text_tokens=16, num_samples=0, device="cpu",
                      optim=OptimConfig(rank=args.rank, lr=args.lr))
 
 
@@ -87,7 +87,7 @@ def _spec(model: str, subject: int, seed: int, mode: str, skip, out: Path, args)
 def generate(pipe, prompts: list[str], seed: int, steps: int, cfg: float):
     g = torch.Generator().manual_seed(seed)
     return pipe(prompts, negative_prompt=[""] * len(prompts), true_cfg_scale=cfg, num_inference_steps=steps,
-                height=64, width=64, generator=g, **generation_kwargs(pipe)).images
+                height=SIZE, width=SIZE, generator=g, **generation_kwargs(pipe)).images
 
 
 def memory_peak(model: str, mode: str, skip, rank: int) -> int:
@@ -95,7 +95,7 @@ def memory_peak(model: str, mode: str, skip, rank: int) -> int:
     from blockskip_ray.plan_cost.measure import measure_cpu
 
     lora = mode == "lora"
-    spec = EstimateSpec(model=model, resolution=64 if lora else 32, skip=None if lora else skip,
+    spec = EstimateSpec(model=model, resolution=SIZE if lora else SIZE // 2, skip=None if lora else skip,
                         mode="lora" if lora else mode, rank=rank, text_tokens=16, target="cpu")
     return measure_cpu(spec)["peak_memory_bytes"]
 
@@ -117,8 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--sample-steps", type=int, default=16)
     p.add_argument("--cfg", type=float, default=3.0, help="true CFG scale of the evaluation generations")
-    p.add_argument("--only", default=None, help="comma-separated config names to run (default: all)")
-    p.add_argument("--out", default=None, help="work dir (default: a temp dir); results.json is written there")
+    p.add_argument("--only", default=None,
+                   help="comma-separated configuration names to run now (parallel processes sharing --out); "
+                        "a run without --only prints the table once every configuration is cached")
+    p.add_argument("--out", default=None, help="work dir (default: a temp dir): probe.json, results/*.json (cached "
+                                                "per configuration), images/, results.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     model, dino_dir, clip_dir = (resolve_model_arg(x) for x in (args.model, args.dino, args.clip))
@@ -131,23 +134,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.subjects > len(HELD_OUT) - 2:
         raise ValueError(f"at most {len(HELD_OUT) - 2} evaluation subjects (the last 2 held-out toys are the probe subjects)")
     n = num_blocks(model)
-    probe = run_probe(model, dino_dir, [int(x) for x in args.probe_subjects.split(",")], work, args, log)
+    probe_file = work / "probe.json"  # cached: parallel runs (--only) share one probe and one work dir
+    if probe_file.is_file():
+        probe = json.loads(probe_file.read_text())
+    else:
+        probe = run_probe(model, dino_dir, [int(x) for x in args.probe_subjects.split(",")], work, args, log)
+        probe_file.write_text(json.dumps(probe, indent=1))
     table = {k: tuple(v) for k, v in probe["table"].items()}
     log(f"probe-selected splits: {table} (default: 0.3 -> {default_split(0.3, n)}, 0.5 -> {default_split(0.5, n)})")
     rows = configs(n, table)
-    if args.only:
-        keep = set(args.only.split(","))
-        rows = [r for r in rows if r[0] in keep or r[0].startswith("lora") or r[0].startswith("base")]
+    todo = rows if not args.only else [r for r in rows if r[0] in set(args.only.split(","))]
     dino, clip = DinoEmbedder(dino_dir), ClipEmbedder(clip_dir)
     pipe = load_pipeline(model, "cpu")
-    results: dict[str, dict] = {}
-    done: dict[tuple, dict] = {}  # (mode, skip) already run: a probe split equal to the default is not rerun
-    for name, mode, skip in rows:
-        key = (mode, skip)
-        if key in done:
-            results[name] = {**done[key], "same_as": done[key]["name"]}
+    cache = work / "results"
+    cache.mkdir(exist_ok=True)
+    for name, mode, skip in todo:
+        f = cache / f"{mode}-{'full' if skip is None else f'{skip[0]}-{skip[1]}'}.json"
+        if f.is_file():
             continue
-        r = {"name": name, "mode": mode, "skip": skip, "dino": [], "clip_i": [], "clip_t": [], "steps_per_s": []}
+        r = {"mode": mode, "skip": skip, "dino": [], "clip_i": [], "clip_t": [], "steps_per_s": []}
         for s in subjects:
             refs = subject_images(s)
             for seed in seeds:
@@ -160,16 +165,25 @@ def main(argv: list[str] | None = None) -> int:
                     pipe.load_lora_weights(str(Path(spec.out) / "adapter"))
                     ims = generate(pipe, eval_prompts(), 1000 + seed, args.sample_steps, args.cfg)
                     pipe.unload_lora_weights()
-                    if s == 0 and seed == seeds[0]:
-                        for i, im in enumerate(ims):
-                            im.save(Path(spec.out) / f"eval_{i}.png")
+                for i, im in enumerate(ims):
+                    d = work / "images" / f.stem
+                    d.mkdir(parents=True, exist_ok=True)
+                    im.save(d / f"s{s}_seed{seed}_p{i}.png")
                 sc = score_subject({p: [im] for p, im in zip(eval_prompts(), ims)}, refs, dino, clip)
                 r["dino"].append(sc.dino)
                 r["clip_i"].append(sc.clip_i)
                 r["clip_t"].append(sc.clip_t)
         r["peak_bytes"] = memory_peak(model, mode, skip, args.rank) if mode != "base" else None
-        results[name] = done[key] = r
+        f.write_text(json.dumps(r))
         log(f"{name}: DINO {_ms(r['dino'])}  CLIP-T {_ms(r['clip_t'])}")
+    results: dict[str, dict] = {}
+    for name, mode, skip in rows:
+        f = cache / f"{mode}-{'full' if skip is None else f'{skip[0]}-{skip[1]}'}.json"
+        if f.is_file():
+            results[name] = json.loads(f.read_text())
+    if args.only or len(results) < len(rows):
+        log(f"{len(results)}/{len(rows)} configurations done in {work}; run again without --only for the table")
+        return 0
     lora = results["lora (full res)"]
     lora_time = 1 / statistics.mean(lora["steps_per_s"])
     print(f"toy:flux ablation — {len(subjects)} held-out subjects x {len(seeds)} seeds, {args.steps} steps, rank {args.rank}, "
@@ -180,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         skip = "-" if r["skip"] is None else f"{r['skip'][0]},{r['skip'][1]}"
         mem = r["peak_bytes"] / lora["peak_bytes"] if r["mode"] != "base" else float("nan")
         tm = (1 / statistics.mean(r["steps_per_s"])) / lora_time if r["steps_per_s"] else float("nan")
-        same = f"  (= {r['same_as']})" if "same_as" in r else ""
+        twin = [k for k, v in results.items() if k != name and (v["mode"], v["skip"]) == (r["mode"], r["skip"])]
+        same = f"  (same run as: {twin[0]})" if twin else ""
         print(f"{name:<27} {skip:>8}  {_ms(r['dino']):>21}  {_ms(r['clip_i']):>17}  {_ms(r['clip_t']):>19}  "
               f"{mem:8.2f} {tm:9.2f}{same}")
     (work / "results.json").write_text(json.dumps({"args": vars(args), "probe": probe, "results": results}, indent=1,

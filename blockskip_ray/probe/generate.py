@@ -51,8 +51,15 @@ def is_tiny_model(model_dir: str | Path) -> bool:
 
 
 def generation_defaults(model_dir: str | Path) -> dict[str, int]:
-    """Sampling steps / size when not given: tiny test models get a cheap 4 steps at 64 px, real models
-    FLUX.1-dev's usual 28 steps at 512 px."""
+    """Sampling steps / size when not given: the pretrained toy model its own (blockskip_toy.json: 20 steps at
+    32 px, the size it was trained at), tiny test models a cheap 4 steps at 64 px, real models FLUX.1-dev's
+    usual 28 steps at 512 px."""
+    import json
+
+    toy = Path(model_dir) / "blockskip_toy.json"
+    if toy.is_file():
+        d = json.loads(toy.read_text())
+        return {"steps": int(d["sample_steps"]), "resolution": int(d["resolution"])}
     return dict(TINY_DEFAULTS if is_tiny_model(model_dir) else FULL_DEFAULTS)
 
 

@@ -28,8 +28,12 @@ from .tiny_metrics import TINY_MARKER
 
 
 def resolve_model_source(source: str | Path, cache_root: str | Path | None = None) -> Path:
-    """A local directory as is; a store URI (s3://...) downloaded once into `cache_root`."""
+    """A local directory as is; `toy:dino` / `toy:clip` the shipped toy metric models; a store URI (s3://...)
+    downloaded once into `cache_root`."""
     s = str(source)
+    if s.startswith("toy:"):  # the toy metric models shipped in the package (toy:dino, toy:clip)
+        from ..toy import toy_model_dir
+        return toy_model_dir(s)
     if "://" not in s:
         p = Path(s)
         if not (p / "config.json").is_file():

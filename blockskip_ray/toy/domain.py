@@ -27,7 +27,7 @@ ACCESSORIES = ("ears", "hat", "horn")
 BACKGROUNDS = {"gray": (128, 128, 128), "pink": (250, 180, 200), "cyan": (120, 220, 230), "brown": (120, 80, 40),
                "black": (20, 20, 20), "orange": (250, 150, 50)}
 TEXTURES = ("plain", "checkered")
-SIZE = 64  # the pretraining / "full" resolution
+SIZE = 32  # the pretraining / "full" resolution (16 px is the block-skip low resolution)
 SUBJECT_WORD = "sks"  # the rare token a subject is bound to (DreamBooth convention)
 
 
@@ -88,7 +88,7 @@ def _rng(*parts) -> np.random.Generator:
 def random_scene(rng: np.random.Generator, backgrounds: tuple[str, ...] | None = None) -> Scene:
     bgs = backgrounds or tuple(BACKGROUNDS)
     return Scene(background=bgs[int(rng.integers(len(bgs)))], texture=TEXTURES[int(rng.integers(len(TEXTURES)))],
-                 cx=float(rng.uniform(0.38, 0.62)), cy=float(rng.uniform(0.42, 0.62)), scale=float(rng.uniform(0.2, 0.27)),
+                 cx=float(rng.uniform(0.4, 0.6)), cy=float(rng.uniform(0.45, 0.6)), scale=float(rng.uniform(0.25, 0.32)),
                  angle=float(rng.uniform(-20, 20)), mirror=bool(rng.integers(2)))
 
 
@@ -114,7 +114,7 @@ def _top(shape: str, c: float, r: float) -> float:
     return c - {"round": r, "square": r, "triangle": 1.15 * r, "oval": 1.15 * r}[shape]
 
 
-def render_toy(ident: Identity, scene: Scene, size: int = SIZE, supersample: int = 2) -> Image.Image:
+def render_toy(ident: Identity, scene: Scene, size: int = SIZE, supersample: int = 4) -> Image.Image:
     """Draw one image at `size` px (drawn at `supersample` x and downsampled, for clean edges)."""
     S = size * supersample
     img = Image.new("RGB", (S, S), BACKGROUNDS[scene.background])

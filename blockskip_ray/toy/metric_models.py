@@ -36,7 +36,7 @@ from .domain import (ACCESSORIES, BACKGROUNDS, COLORS, HELD_OUT, PATTERNS, PRETR
 MARKER = "blockskip_toy_metric"
 FIELDS = {"shape": SHAPES, "color": tuple(COLORS), "pattern": PATTERNS, "accessory": ACCESSORIES,
           "acc_color": tuple(COLORS)}
-IMAGE_SIZE = 64
+IMAGE_SIZE = 32
 
 
 class ImageCNN(nn.Module):
@@ -44,7 +44,7 @@ class ImageCNN(nn.Module):
         super().__init__()
         w = width
         layers, c = [], 3
-        for out in (w, w, 2 * w, 2 * w):  # 64 -> 32 -> 16 -> 8 -> 4
+        for out in (w, 2 * w, 2 * w):  # 32 -> 16 -> 8 -> 4
             layers += [nn.Conv2d(c, out, 3, stride=2, padding=1), nn.GroupNorm(4, out), nn.SiLU(),
                        nn.Conv2d(out, out, 3, padding=1), nn.SiLU()]
             c = out
@@ -144,8 +144,8 @@ def _save(model: nn.Module, cfg: dict, out: Path) -> Path:
 @dataclass
 class MetricConfig:
     seed: int = 0
-    images: int = 12000
-    steps: int = 1500
+    images: int = 6000
+    steps: int = 600
     batch: int = 64
     lr: float = 2e-3
     width: int = 16
@@ -177,7 +177,7 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     b = x.shape[0]
     blur = torch.rand(b, generator=g) < 0.5
     if blur.any():
-        side = int(torch.randint(20, 48, (1,), generator=g))
+        side = int(torch.randint(12, 26, (1,), generator=g))
         soft = F.interpolate(F.interpolate(x[blur], size=side, mode="bilinear", antialias=True), size=x.shape[-1],
                              mode="bilinear")
         x = x.clone()

@@ -70,7 +70,7 @@ def build_vae(seed: int = 3):
     n = len(VAE_BLOCKS)
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, block_out_channels=VAE_BLOCKS,
                          down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                         layers_per_block=1, norm_num_groups=4, sample_size=64, use_quant_conv=False,
+                         layers_per_block=1, norm_num_groups=4, sample_size=32, use_quant_conv=False,
                          use_post_quant_conv=False, mid_block_add_attention=False)
 
 

@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..method.features import pack
-from .domain import pretraining_sample, _rng
+from .domain import SIZE, _rng, pretraining_sample
+
+LOW = SIZE // 2  # the block-skip low resolution (the paper: 512 -> 256)
 from .model import TEXT_TOKENS, build_pipeline, build_transformer, build_vae, encode_text
 
 PREVIEW_PROMPTS = [
@@ -45,19 +47,19 @@ PREVIEW_PROMPTS = [
 class PretrainConfig:
     seed: int = 0
     threads: int = 1  # more threads spin-wait on a shared, oversubscribed CPU (measured: 4x the CPU per step)
-    vae_steps: int = 1000
+    vae_steps: int = 500
     vae_batch: int = 32
     vae_lr: float = 1e-3
     decoder_steps: int = 1000  # stage 5: decoder-only fine-tuning (the encoder, so every latent, is unchanged)
-    images: int = 16000
-    steps: int = 3000
-    batch: int = 32
-    lr: float = 6e-4
+    images: int = 8000
+    steps: int = 2000
+    batch: int = 16
+    lr: float = 5e-4
     warmup: int = 100
     lowres_every: int = 3  # every k-th step trains on the 32-px crops
     cfg_drop: float = 0.1
     ema: float = 0.998
-    sample_every: int = 300
+    sample_every: int = 400
     sample_steps: int = 20
     transformer: dict = field(default_factory=dict)  # overrides of model.TRANSFORMER (tests use a tiny one)
 
@@ -83,9 +85,7 @@ def train_vae(cfg: PretrainConfig, t0: float):
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     for step in range(cfg.vae_steps):
-        rng = _rng("vae", cfg.seed, step)
-        crops = [_random_crop(pretraining_sample(cfg.seed + 1000, step * cfg.vae_batch + k)[0], rng, 32, 32)
-                 for k in range(cfg.vae_batch)]
+        crops = [pretraining_sample(cfg.seed + 1000, step * cfg.vae_batch + k)[0] for k in range(cfg.vae_batch)]
         x = _to_tensor(crops)
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
@@ -113,9 +113,7 @@ def finetune_decoder(vae, cfg: PretrainConfig, t0: float):
     vae.decoder.requires_grad_(True)
     opt = torch.optim.Adam(vae.decoder.parameters(), lr=cfg.vae_lr / 2)
     for step in range(cfg.decoder_steps):
-        rng = _rng("decoder", cfg.seed, step)
-        crops = [_random_crop(pretraining_sample(cfg.seed + 3000, step * cfg.vae_batch + k)[0], rng, 32, 32)
-                 for k in range(cfg.vae_batch)]
+        crops = [pretraining_sample(cfg.seed + 3000, step * cfg.vae_batch + k)[0] for k in range(cfg.vae_batch)]
         x = _to_tensor(crops)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
@@ -150,7 +148,7 @@ def build_dataset(pipe, cfg: PretrainConfig, t0: float) -> dict[str, torch.Tenso
     for start in range(0, cfg.images, 64):
         batch = [pretraining_sample(cfg.seed, i) for i in range(start, min(cfg.images, start + 64))]
         ims = [b[0] for b in batch]
-        crops = [_random_crop(im, _rng("lowres", cfg.seed, start + k), 32, 32) for k, im in enumerate(ims)]
+        crops = [_random_crop(im, _rng("lowres", cfg.seed, start + k), LOW, LOW) for k, im in enumerate(ims)]
         hi.append((vae.encode(_to_tensor(ims)).latent_dist.mean - sh) * sf)
         lo.append((vae.encode(_to_tensor(crops)).latent_dist.mean - sh) * sf)
         for _, c, _ in batch:
@@ -187,18 +185,18 @@ def flow_loss(transformer, x0: torch.Tensor, pe: torch.Tensor, pooled: torch.Ten
     return F.mse_loss(pred, pack(noise - x0))
 
 
-def preview(pipe, out: Path, steps: int, seed: int = 0, cfg_scale: float = 3.0) -> Path:
-    """A grid of PREVIEW_PROMPTS (columns: prompts; rows: 2 seeds) with the stock pipeline and true CFG."""
+def preview(pipe, out: Path, steps: int, seed: int = 0, cfg_scale: float = 3.0, rows: int = 1) -> Path:
+    """A grid of PREVIEW_PROMPTS (columns: prompts; rows: `rows` seeds) with the stock pipeline and true CFG."""
     ims = []
-    for s in range(2):
+    for s in range(rows):
         g = torch.Generator().manual_seed(seed + s)
-        ims += pipe(PREVIEW_PROMPTS, negative_prompt=[""] * len(PREVIEW_PROMPTS), true_cfg_scale=cfg_scale, height=64,
-                    width=64, num_inference_steps=steps, generator=g, max_sequence_length=TEXT_TOKENS).images
-    grid = Image.new("RGB", (64 * len(PREVIEW_PROMPTS), 128))
+        ims += pipe(PREVIEW_PROMPTS, negative_prompt=[""] * len(PREVIEW_PROMPTS), true_cfg_scale=cfg_scale, height=SIZE,
+                    width=SIZE, num_inference_steps=steps, generator=g, max_sequence_length=TEXT_TOKENS).images
+    grid = Image.new("RGB", (SIZE * len(PREVIEW_PROMPTS), rows * SIZE))
     for k, im in enumerate(ims):
-        grid.paste(im, ((k % len(PREVIEW_PROMPTS)) * 64, (k // len(PREVIEW_PROMPTS)) * 64))
+        grid.paste(im, ((k % len(PREVIEW_PROMPTS)) * SIZE, (k // len(PREVIEW_PROMPTS)) * SIZE))
     out.parent.mkdir(parents=True, exist_ok=True)
-    grid.resize((grid.width * 2, grid.height * 2), Image.Resampling.NEAREST).save(out)
+    grid.resize((grid.width * 4, grid.height * 4), Image.Resampling.NEAREST).save(out)
     return out
 
 
@@ -258,10 +256,17 @@ def pretrain(cfg: PretrainConfig, out: str | Path) -> dict:
               "loss_every_50": [float(np.mean(losses[i:i + 50])) for i in range(0, len(losses), 50)],
               "torch": torch.__version__}
     (out / "pretrain.json").write_text(json.dumps(report, indent=1))
+    write_generation_defaults(out)
     if cfg.sample_every:
-        preview(pipe, out / "progress" / "final.png", cfg.sample_steps)
+        preview(pipe, out / "progress" / "final.png", cfg.sample_steps, rows=2)
     _log(f"saved {out} ({t_total / 60:.1f} min)", t0)
     return report
+
+
+def write_generation_defaults(out: Path) -> None:
+    """blockskip_toy.json: how this model is sampled (probe/generate.generation_defaults reads it)."""
+    (Path(out) / "blockskip_toy.json").write_text(json.dumps(
+        {"resolution": SIZE, "low_resolution": LOW, "sample_steps": 20, "text_tokens": TEXT_TOKENS}, indent=1))
 
 
 def _with_weights(model, weights: dict, fn):

@@ -18,7 +18,7 @@ def test_pretraining_stream_is_deterministic_and_varied():
     assert len({c for _, c, _ in a}) > 1  # not one image repeated
     other = pretraining_sample(4, 0)
     assert not np.array_equal(np.asarray(other[0]), np.asarray(a[0][0]))
-    assert a[0][0].size == (64, 64)
+    assert a[0][0].size == (32, 32)
 
 
 def test_held_out_identities_never_in_pretraining_but_their_parts_are():

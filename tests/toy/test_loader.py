@@ -49,3 +49,25 @@ def test_toy_catalog_writes_held_out_subjects(tmp_path):
     for bad in ("toy:0", "toy:99", "toy:x"):
         with pytest.raises(ValueError, match="expected toy:N"):
             resolve_catalog(_job(tmp_path, "toy:flux", bad), log=lambda m: None)
+
+
+def test_generation_settings_follow_the_model(tiny_flux_dir, tmp_path):
+    import shutil
+
+    from blockskip_ray.method.features import FeatureComputer
+    from blockskip_ray.method.modes import get_mode
+    from blockskip_ray.models.loading import generation_kwargs, load_pipeline
+    from blockskip_ray.probe.generate import generation_defaults
+
+    pipe = load_pipeline(tiny_flux_dir)
+    assert generation_kwargs(pipe) == {}  # the tiny random model keeps FluxPipeline's 512 text tokens
+    assert FeatureComputer(pipe, (0, 0), get_mode("lora"), 512).max_text_tokens == 512
+    pipe.tokenizer_2.model_max_length = 16  # a model trained with 16 text tokens (the toy model)
+    assert generation_kwargs(pipe) == {"max_sequence_length": 16}
+    assert FeatureComputer(pipe, (0, 0), get_mode("lora"), 512).max_text_tokens == 16
+    assert FeatureComputer(pipe, (0, 0), get_mode("lora"), 8).max_text_tokens == 8
+    assert generation_defaults(tiny_flux_dir) == {"steps": 4, "resolution": 64}
+    toy_dir = tmp_path / "toy"
+    shutil.copytree(tiny_flux_dir, toy_dir)
+    (toy_dir / "blockskip_toy.json").write_text(json.dumps({"resolution": 32, "sample_steps": 20}))
+    assert generation_defaults(toy_dir) == {"steps": 20, "resolution": 32}

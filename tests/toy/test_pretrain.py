@@ -26,9 +26,10 @@ def test_pretrain_is_deterministic_and_loads_with_stock_pipeline(tmp_path):
     pipe = FluxPipeline.from_pretrained(str(tmp_path / "a"))
     assert pipe.vae_scale_factor == 4 and pipe.transformer.config.in_channels == 16
     assert generation_kwargs(pipe) == {"max_sequence_length": TEXT_TOKENS}
-    im = pipe("a red round toy", num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0),
+    im = pipe("a red round toy", num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0),
               **generation_kwargs(pipe)).images[0]
-    assert im.size == (64, 64)
+    assert im.size == (32, 32)
+    assert json.loads((tmp_path / "a" / "blockskip_toy.json").read_text())["resolution"] == 32
 
 
 def test_text_encoder_binds_words_to_their_neighbours():
