@@ -135,13 +135,17 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"at most {len(HELD_OUT) - 2} evaluation subjects (the last 2 held-out toys are the probe subjects)")
     n = num_blocks(model)
     probe_file = work / "probe.json"  # cached: parallel runs (--only) share one probe and one work dir
+    need_probe = not args.only or "probe" in args.only
     if probe_file.is_file():
         probe = json.loads(probe_file.read_text())
-    else:
+    elif need_probe:
         probe = run_probe(model, dino_dir, [int(x) for x in args.probe_subjects.split(",")], work, args, log)
         probe_file.write_text(json.dumps(probe, indent=1))
+    else:  # this run trains no probe-split configuration: the probe is not needed yet
+        probe = {"table": {"0.3": default_split(0.3, n), "0.5": default_split(0.5, n)}}
     table = {k: tuple(v) for k, v in probe["table"].items()}
-    log(f"probe-selected splits: {table} (default: 0.3 -> {default_split(0.3, n)}, 0.5 -> {default_split(0.5, n)})")
+    if need_probe:
+        log(f"probe-selected splits: {table} (default: 0.3 -> {default_split(0.3, n)}, 0.5 -> {default_split(0.5, n)})")
     rows = configs(n, table)
     todo = rows if not args.only else [r for r in rows if r[0] in set(args.only.split(","))]
     dino, clip = DinoEmbedder(dino_dir), ClipEmbedder(clip_dir)

@@ -245,14 +245,24 @@ def _held_out_set(n_per: int, seed: int) -> tuple[list[Image.Image], list[int], 
     return ims, who, scenes
 
 
-def retrieval_accuracy(dino: ToyDino, n_per: int = 10, seed: int = 0) -> float:
-    """Top-1 leave-one-out retrieval among images of the held-out identities (chance = 1/8 scaled by n_per)."""
+def retrieval_accuracy(dino: ToyDino, n_per: int = 10, seed: int = 0, neighbours: int = 0) -> float:
+    """Top-1 leave-one-out retrieval: does a held-out toy's nearest image show the same toy? The gallery holds
+    n_per images of every held-out identity plus, per held-out identity, n_per images of each of `neighbours`
+    pretraining identities that differ from it in one part only (hard distractors)."""
     ims, who, _ = _held_out_set(n_per, seed)
+    rng = _rng("retrieval", seed)
+    for s, ident in enumerate(HELD_OUT):
+        for j in range(neighbours):
+            other = _perturb(ident, rng)
+            for k in range(n_per):
+                ims.append(render_toy(other, random_scene(_rng("metric-eval-nb", seed, s, j, k))))
+                who.append(-1 - (s * neighbours + j))  # distractor classes are never queried, only found
     z = dino.embed(ims)
     sim = z @ z.T
     sim.fill_diagonal_(-2)
     nn_idx = sim.argmax(1).tolist()
-    return float(np.mean([who[j] == who[i] for i, j in enumerate(nn_idx)]))
+    queries = [i for i, w in enumerate(who) if w >= 0]
+    return float(np.mean([who[nn_idx[i]] == who[i] for i in queries]))
 
 
 def _perturb(ident: Identity, rng: np.random.Generator) -> Identity:
@@ -296,6 +306,7 @@ def train_metric_models(cfg: MetricConfig, out: str | Path) -> dict:
     dino = train_dino(cfg, x, ids, log)
     clip = train_clip(cfg, x, caps, log)
     report = {"config": asdict(cfg), "dino_heldout_retrieval_top1": retrieval_accuracy(dino),
+              "dino_heldout_retrieval_top1_with_5_one_part_neighbours": retrieval_accuracy(dino, neighbours=5),
               **{f"clip_heldout_{k}": v for k, v in caption_accuracy(clip).items()},
               "seconds": time.perf_counter() - t0}
     _save(dino, dino.cfg, out / "dino")

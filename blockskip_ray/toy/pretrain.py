@@ -1,15 +1,17 @@
 """Pretrain the toy FLUX pipeline from scratch on CPU (design section 8), deterministically from a seed.
 
-    python -m blockskip_ray.toy.pretrain --out DIR        (the shipped model: the defaults, ~45 min on 1-2 cores)
+    python -m blockskip_ray.toy.pretrain --out DIR        (the shipped model: the defaults; see docs/fidelity.md)
 
-1. VAE (AutoencoderKL, factor 4, 4 latent channels) on random 32-px crops of domain images (it is fully
-   convolutional, so it applies to 64-px images); then shift/scale factors set from the latent statistics.
-2. A fixed dataset of pretraining images (held-out identities never appear), encoded ONCE: 64-px latents and
-   one random crop per image resized to 32 px (the low resolution block-skip trains at), and the text
+1. VAE (AutoencoderKL, factor 4, 4 latent channels) on 32-px domain images; then shift/scale factors set
+   from the latent statistics.
+2. A fixed dataset of pretraining images (held-out identities never appear), encoded ONCE: 32-px latents and
+   one random crop per image resized to 16 px (the low resolution block-skip trains at), and the text
    embeddings of every distinct caption (the text encoders are frozen).
 3. The FluxTransformer2DModel with the rectified-flow loss of the project's trainer (x_t = (1-s) x0 + s n,
    target n - x0, s uniform), 10% of captions replaced by "" so true CFG (true_cfg_scale) works, EMA weights.
-4. `FluxPipeline.save_pretrained(out)` with the EMA transformer, plus pretrain.json (config, losses, timing).
+4. Decoder-only VAE fine-tuning (encoder frozen, so the latents above are unchanged): sharper decodes.
+5. `FluxPipeline.save_pretrained(out)` with the EMA transformer, plus pretrain.json (config, losses, timing)
+   and blockskip_toy.json (how the model is sampled: 32 px, 20 steps, 16 text tokens).
 """
 from __future__ import annotations
 
@@ -50,13 +52,13 @@ class PretrainConfig:
     vae_steps: int = 500
     vae_batch: int = 32
     vae_lr: float = 1e-3
-    decoder_steps: int = 1000  # stage 5: decoder-only fine-tuning (the encoder, so every latent, is unchanged)
+    decoder_steps: int = 0  # stage 4 (off for the shipped model): decoder-only fine-tuning, encoder frozen so every latent is unchanged
     images: int = 8000
     steps: int = 2000
     batch: int = 16
     lr: float = 5e-4
     warmup: int = 100
-    lowres_every: int = 3  # every k-th step trains on the 32-px crops
+    lowres_every: int = 3  # every k-th step trains on the low-resolution (16 px) crops
     cfg_drop: float = 0.1
     ema: float = 0.998
     sample_every: int = 400

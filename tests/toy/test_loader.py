@@ -71,3 +71,16 @@ def test_generation_settings_follow_the_model(tiny_flux_dir, tmp_path):
     shutil.copytree(tiny_flux_dir, toy_dir)
     (toy_dir / "blockskip_toy.json").write_text(json.dumps({"resolution": 32, "sample_steps": 20}))
     assert generation_defaults(toy_dir) == {"steps": 20, "resolution": 32}
+
+
+def test_shipped_toy_model_loads_with_stock_pipeline():
+    from diffusers import FluxPipeline
+
+    d = toy.toy_model_dir("toy:flux")
+    pipe = FluxPipeline.from_pretrained(str(d))
+    cfg = pipe.transformer.config
+    assert cfg.num_layers >= 4 and cfg.num_single_layers >= 8  # 30% / 50% skip ratios mean something
+    assert pipe.vae_scale_factor == 4 and pipe.tokenizer_2.model_max_length == 16
+    assert json.loads((d / "pretrain.json").read_text())["config"]["steps"] >= 1000
+    for name in ("toy:dino", "toy:clip"):
+        assert (toy.toy_model_dir(name) / "model.safetensors").is_file()
