@@ -41,12 +41,14 @@ def configs(n: int, probe: dict[str, tuple[int, int]]) -> list[tuple[str, str, t
     """(name, mode, skip); skip None = the mode trains every block."""
     d30, d50 = default_split(0.3, n), default_split(0.5, n)
     k50 = round(0.5 * n)
-    rows = [("base (no adapter)", "base", None), ("lora (full res)", "lora", None),
+    rows = [("base (no adapter)", "base", None), ("lora (full res)", "lora", None), ("lora low res (16 px)", "lora-low", None),
             ("blockskip 30% default", "blockskip", d30), ("blockskip 50% default", "blockskip", d50),
             ("blockskip 30% probe", "blockskip", probe["0.3"]), ("blockskip 50% probe", "blockskip", probe["0.5"]),
             ("naive skip 30%", "naive-skip", d30), ("naive skip 50%", "naive-skip", d50),
             ("resize 30% (no dyn. crop)", "resize", d30),
-            ("skip first only 50%", "blockskip", (k50, 0)), ("skip last only 50%", "blockskip", (0, k50))]
+            ("skip first only 50%", "blockskip", (k50, 0)), ("skip last only 50%", "blockskip", (0, k50)),
+            # not in the paper: block skipping alone at the full resolution (isolates skipping from resolution)
+            ("skip+features 30% @32px", "resize@full", d30), ("naive skip 30% @32px", "naive-skip@full", d30)]
     return rows
 
 
@@ -76,9 +78,12 @@ def _spec(model: str, subject: int, seed: int, mode: str, skip, out: Path, args)
     images = out.parent / f"refs-{subject}"
     if not images.is_dir():
         write_subject(subject, images)
-    lora = mode == "lora"
+    lora = mode in ("lora", "lora-low")  # lora-low: plain LoRA on the whole image resized to the low resolution
+    full = mode == "lora" or mode.endswith("@full")  # MODE@full: that mode at the full resolution
+    mode = mode.removesuffix("@full")
     return TrainSpec(model=model, images=str(images), prompt=subject_prompt(), out=str(out), subject_id=f"toy-{subject}",
-                     skip=None if lora else skip, mode=mode, steps=args.steps, resolution=SIZE if lora else SIZE // 2,
+                     skip=None if lora else skip, mode="lora" if lora else mode, steps=args.steps,
+                     resolution=SIZE if full else SIZE // 2,
                      s_max=None if lora else SIZE, seed=seed, max_text_tokens=16, num_samples=0, device="cpu",
                      optim=OptimConfig(rank=args.rank, lr=args.lr))
 
@@ -94,8 +99,10 @@ def memory_peak(model: str, mode: str, skip, rank: int) -> int:
     from blockskip_ray.plan_cost.estimate import EstimateSpec
     from blockskip_ray.plan_cost.measure import measure_cpu
 
-    lora = mode == "lora"
-    spec = EstimateSpec(model=model, resolution=SIZE if lora else SIZE // 2, skip=None if lora else skip,
+    lora = mode in ("lora", "lora-low")
+    res = SIZE if mode == "lora" or mode.endswith("@full") else SIZE // 2
+    mode = mode.removesuffix("@full")
+    spec = EstimateSpec(model=model, resolution=res, skip=None if lora else skip,
                         mode="lora" if lora else mode, rank=rank, text_tokens=16, target="cpu")
     return measure_cpu(spec)["peak_memory_bytes"]
 
