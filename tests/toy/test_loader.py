@@ -36,7 +36,7 @@ def test_toy_id_errors(tmp_path, monkeypatch):
 
 
 def test_hub_ids_are_still_refused(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a diffusers pipeline directory"):
+    with pytest.raises(ValueError, match="hub ids are not downloaded"):
         resolve_model(_job(tmp_path, "black-forest-labs/FLUX.1-dev"), log=lambda m: None)
 
 
