@@ -155,6 +155,8 @@ def generate_image(pipe, job: Job, cancel: threading.Event | None = None, progre
         extra["use_resolution_binning"] = False  # answer exactly the size asked for
     if job.guidance is not None:
         extra["guidance_scale"] = job.guidance
+    from .models.loading import generation_kwargs
+    extra.update(generation_kwargs(pipe))  # e.g. the toy model's 16 text tokens
     g = torch.Generator("cpu").manual_seed(job.seed)
     with torch.inference_mode():
         out = pipe(job.prompt, num_inference_steps=job.steps, height=job.height, width=job.width, generator=g, **extra)

@@ -64,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    from ..toy import resolve_model_arg
+    args.model = resolve_model_arg(args.model)  # toy:flux -> the shipped directory
     ratios = _floats(args.skip_ratios, "--skip-ratios")
     try:
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()]

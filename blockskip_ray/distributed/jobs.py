@@ -47,7 +47,8 @@ class JobResult:
 
 # ---------------------------------------------------------------------------------------------- inputs
 def resolve_model(job: JobSpec, log: Log = _stderr) -> str:
-    """A local pipeline dir: `tiny:flux` / `tiny:sana` are built into work_dir once (the embedded default)."""
+    """A local pipeline dir: `tiny:flux` / `tiny:sana` are built into work_dir once; `toy:flux` is the
+    pretrained toy model shipped in the package."""
     if job.model.startswith("tiny:"):
         family = job.model.split(":", 1)[1]
         if family not in ("flux", "sana"):
@@ -58,6 +59,11 @@ def resolve_model(job: JobSpec, log: Log = _stderr) -> str:
             log(f"building the tiny {family} model into {out}")
             init_model(family, out)
         return str(out.resolve())
+    if job.model.startswith("toy:"):  # the pretrained toy model shipped in the package (toy/weights)
+        from ..toy import toy_model_dir
+        if job.model != "toy:flux":
+            raise ValueError(f"model {job.model!r}: the only toy pipeline is toy:flux")
+        return str(toy_model_dir(job.model))
     from ..models import fetch
     fetch.check_model(job.model)  # hub ids, unpublished URIs, non-pipelines: one line, before any worker starts
     # s3://: fetched once per node into its model cache (workers fetch the same path on their own node).
@@ -65,8 +71,14 @@ def resolve_model(job: JobSpec, log: Log = _stderr) -> str:
 
 
 def resolve_catalog(job: JobSpec, log: Log = _stderr) -> str:
-    """The catalog file; `synthetic:N` writes N synthetic subjects (toy robots) + catalog.jsonl into work_dir."""
+    """The catalog file; `synthetic:N` writes N synthetic subjects (toy robots) + catalog.jsonl into work_dir;
+    `toy:N` the first N held-out subjects of the toy domain (for the `toy:flux` model)."""
     assert job.catalog is not None
+    if job.catalog.startswith("toy:"):
+        from ..toy.catalog import write_toy_catalog
+        path = write_toy_catalog(job.catalog, Path(job.work_dir) / "catalog")
+        log(f"toy catalog {job.catalog} (held-out toy identities) at {path}")
+        return str(path)
     if not job.catalog.startswith("synthetic:"):
         return job.catalog
     import json

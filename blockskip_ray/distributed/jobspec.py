@@ -101,7 +101,8 @@ class PrecomputeSection:
 @dataclass(config=_CONFIG)
 class JobSpec:
     job_id: StrictStr
-    model: StrictStr  # a local diffusers pipeline dir, or "tiny:flux" / "tiny:sana" (built into work_dir on first use)
+    model: StrictStr  # a local diffusers pipeline dir, an s3:// URI, "tiny:flux" / "tiny:sana" (built into work_dir on
+    # first use) or "toy:flux" (the pretrained toy model shipped in the package)
     # JSONL or Parquet catalog, or "synthetic:N" (N synthetic subjects generated into work_dir);
     # null: a selection-only job (runs the masking probes for the model and stops).
     catalog: Optional[StrictStr] = None
@@ -168,6 +169,11 @@ def _check(spec: JobSpec) -> None:
     t = spec.train
     if spec.model.startswith("tiny:") and spec.model not in ("tiny:flux", "tiny:sana"):
         raise ValueError(f"model {spec.model!r}: expected tiny:flux or tiny:sana")
+    if spec.model.startswith("toy:") and spec.model != "toy:flux":
+        raise ValueError(f"model {spec.model!r}: the only toy pipeline is toy:flux")
+    if spec.catalog is not None and spec.catalog.startswith("toy:"):
+        from ..toy.catalog import parse_toy_catalog
+        parse_toy_catalog(spec.catalog)
     if "://" in spec.model and not spec.model.startswith("s3://"):  # s3://: models/fetch.py
         raise ValueError(f"model {spec.model!r}: give a local diffusers pipeline directory or an s3:// URI")
     if spec.catalog is not None and spec.catalog.startswith("synthetic:"):

@@ -26,7 +26,10 @@ class FeatureComputer:
         self.family = "flux" if type(pipe).__name__ == "FluxPipeline" else "sana"
         self.stack: FluxStack | SanaStack = make_stack(pipe.transformer, pipe.vae_scale_factor)
         self.skip, self.mode = skip, mode
-        self.max_text_tokens, self.guidance = max_text_tokens, guidance
+        # a model whose tokenizer caps the text length (the toy model: 16) is trained at that length
+        from ..models.loading import text_token_limit
+        self.max_text_tokens = min(max_text_tokens, text_token_limit(pipe)) if self.family == "flux" else max_text_tokens
+        self.guidance = guidance
         self.device = pipe.transformer.device
         self.dtype = pipe.transformer.dtype
 

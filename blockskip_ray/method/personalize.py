@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..models.loading import load_kept_transformer, load_pipeline, model_family, pixel_multiple
+from ..models.loading import generation_kwargs, load_kept_transformer, load_pipeline, model_family, pixel_multiple
 from .curves import PROGRESS_FILE, TrainingCurves, current_memory_bytes, file_sink, sample_grid
 from .features import FeatureComputer
 from .images import load_images
@@ -300,6 +300,7 @@ def sample_images(spec: TrainSpec, device: torch.device, prompts: list[str] | No
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     extra = {"use_resolution_binning": False} if type(pipe).__name__ == "SanaPipeline" else {}
+    extra.update(generation_kwargs(pipe))
     for i, prompt in enumerate(prompts or [spec.prompt] * spec.num_samples):
         g = torch.Generator("cpu").manual_seed(spec.seed + i)
         im = pipe(prompt, num_inference_steps=spec.sample_steps, height=size, width=size, generator=g, **extra).images[0]

@@ -51,6 +51,22 @@ def pixel_multiple(model_dir: str | Path) -> int:
     return vae_scale_factor(model_dir) * int(cfg.get("patch_size", 1))
 
 
+def generation_kwargs(pipe) -> dict:
+    """Extra pipeline-call arguments the model itself fixes. FLUX: the T5 sequence length, when the model's
+    tokenizer_2 caps it below FluxPipeline's default 512 (the toy model is trained with 16 text tokens;
+    the pipeline pads to max_sequence_length, and a model never trained with 496 pad tokens breaks on them)."""
+    if type(pipe).__name__ != "FluxPipeline":
+        return {}
+    limit = text_token_limit(pipe)
+    return {"max_sequence_length": limit} if limit < 512 else {}
+
+
+def text_token_limit(pipe) -> int:
+    """The largest T5 sequence length the pipeline's model takes (512 for FLUX.1)."""
+    tok = getattr(pipe, "tokenizer_2", None)
+    return min(512, int(getattr(tok, "model_max_length", 512) or 512))
+
+
 def load_pipeline(model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     import diffusers
 

@@ -39,6 +39,8 @@ def evaluate(spec: EvalSpec, log=print) -> tuple[SubjectScores, list[dict]]:
         raise ValueError("give at least one non-empty prompt")
     if spec.images_per_prompt < 1:
         raise ValueError(f"images per prompt must be >= 1, got {spec.images_per_prompt}")
+    from ..toy import resolve_model_arg
+    spec.model = resolve_model_arg(spec.model)  # toy:flux -> the shipped directory
     refs = load_images(spec.images)
     defaults = generation_defaults(spec.model)
     steps, size = spec.steps or defaults["steps"], spec.resolution or defaults["resolution"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..models.loading import load_pipeline
+from ..models.loading import generation_kwargs, load_pipeline
 from .masking import masked
 from .metrics import DinoEmbedder
 
@@ -51,8 +51,15 @@ def is_tiny_model(model_dir: str | Path) -> bool:
 
 
 def generation_defaults(model_dir: str | Path) -> dict[str, int]:
-    """Sampling steps / size when not given: tiny test models get a cheap 4 steps at 64 px, real models
-    FLUX.1-dev's usual 28 steps at 512 px."""
+    """Sampling steps / size when not given: the pretrained toy model its own (blockskip_toy.json: 20 steps at
+    32 px, the size it was trained at), tiny test models a cheap 4 steps at 64 px, real models FLUX.1-dev's
+    usual 28 steps at 512 px."""
+    import json
+
+    toy = Path(model_dir) / "blockskip_toy.json"
+    if toy.is_file():
+        d = json.loads(toy.read_text())
+        return {"steps": int(d["sample_steps"]), "resolution": int(d["resolution"])}
     return dict(TINY_DEFAULTS if is_tiny_model(model_dir) else FULL_DEFAULTS)
 
 
@@ -66,6 +73,7 @@ def generate(pipe, prompt: str, seed: int, steps: int, size: int, blocks: frozen
              guidance: float | None = None) -> Image.Image:
     """The same seed gives the same initial noise, so masked and unmasked generations differ only by the mask."""
     extra = {"use_resolution_binning": False} if type(pipe).__name__ == "SanaPipeline" else {}
+    extra.update(generation_kwargs(pipe))
     if guidance is not None:
         extra["guidance_scale"] = guidance
     g = torch.Generator("cpu").manual_seed(int(seed))

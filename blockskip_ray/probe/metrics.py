@@ -6,6 +6,10 @@
 Protocol, per subject: for every prompt, `images_per_prompt` generated images; DINO and CLIP-I are the
 mean over all (generated, reference) pairs, CLIP-T the mean over generated images of the cosine with
 their own prompt. Models load from a local directory or a store URI (downloaded once to a cache dir).
+
+A directory may hold a saved DINOv2 / CLIP (transformers `save_pretrained`) or one of the toy metric models
+trained here for the toy domain (toy/metric_models.py; its config.json says `blockskip_toy_metric`): both
+give the same embed / images / texts interface, so `blockskip eval` and the probes take either.
 """
 from __future__ import annotations
 
@@ -19,12 +23,17 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from ..toy.metric_models import load_toy_metric, toy_metric_kind
 from .tiny_metrics import TINY_MARKER
 
 
 def resolve_model_source(source: str | Path, cache_root: str | Path | None = None) -> Path:
-    """A local directory as is; a store URI (s3://...) downloaded once into `cache_root`."""
+    """A local directory as is; `toy:dino` / `toy:clip` the shipped toy metric models; a store URI (s3://...)
+    downloaded once into `cache_root`."""
     s = str(source)
+    if s.startswith("toy:"):  # the toy metric models shipped in the package (toy:dino, toy:clip)
+        from ..toy import toy_model_dir
+        return toy_model_dir(s)
     if "://" not in s:
         p = Path(s)
         if not (p / "config.json").is_file():
@@ -55,6 +64,16 @@ def _warn_if_tiny(model_dir: Path, what: str) -> None:
               "as similarity (they only exercise the code path)", file=sys.stderr, flush=True)
 
 
+def _toy(d: Path, want: str, what: str):
+    """The toy metric model in `d`, or None when `d` holds a transformers model."""
+    kind = toy_metric_kind(d)
+    if kind is None:
+        return None
+    if kind != want:
+        raise ValueError(f"{what} model {d} is the toy {kind!r} metric model, not the {want!r} one")
+    return load_toy_metric(d)
+
+
 def _normalize(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x.float(), dim=-1)
 
@@ -69,14 +88,20 @@ class DinoEmbedder:
         from transformers import AutoImageProcessor, Dinov2Model
 
         d = resolve_model_source(source, cache_root)
-        _warn_if_tiny(d, "DINO")
         self.dir = d
         self.device = torch.device(device)
+        self.toy = _toy(d, "dino", "DINO")
+        if self.toy is not None:
+            self.model = self.toy.to(self.device)
+            return
+        _warn_if_tiny(d, "DINO")
         self.processor = AutoImageProcessor.from_pretrained(str(d))
         self.model = Dinov2Model.from_pretrained(str(d)).eval().to(self.device)
 
     @torch.no_grad()
     def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        if self.toy is not None:
+            return self.toy.embed(images)
         px = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
         return _normalize(self.model(pixel_values=px.to(self.device)).pooler_output).cpu()
 
@@ -86,20 +111,28 @@ class ClipEmbedder:
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
         d = resolve_model_source(source, cache_root)
-        _warn_if_tiny(d, "CLIP")
         self.dir = d
         self.device = torch.device(device)
+        self.toy = _toy(d, "clip", "CLIP")
+        if self.toy is not None:
+            self.model = self.toy.to(self.device)
+            return
+        _warn_if_tiny(d, "CLIP")
         self.processor = AutoImageProcessor.from_pretrained(str(d))
         self.tokenizer = AutoTokenizer.from_pretrained(str(d))
         self.model = CLIPModel.from_pretrained(str(d)).eval().to(self.device)
 
     @torch.no_grad()
     def images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        if self.toy is not None:
+            return self.toy.images(images)
         px = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
         return _normalize(_pooled(self.model.get_image_features(pixel_values=px.to(self.device)))).cpu()
 
     @torch.no_grad()
     def texts(self, texts: Sequence[str]) -> torch.Tensor:
+        if self.toy is not None:
+            return self.toy.texts(texts)
         tok = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(self.device)
         return _normalize(_pooled(self.model.get_text_features(**tok))).cpu()
 

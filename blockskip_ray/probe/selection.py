@@ -83,12 +83,13 @@ def lookup_for(store: Store | str, model_dir: str | Path) -> Callable[[float], t
     return lookup
 
 
-def draw_profile(doc: dict, note: str | None = None, size: tuple[int, int] = (720, 420)) -> bytes:
-    """PNG: distance vs window start (0..N-1 axis), chosen splits as coloured skip regions per ratio."""
+def draw_profile(doc: dict, note: str | None = None, size: tuple[int, int] = (760, 460)) -> bytes:
+    """PNG: masking distance vs window start (block axis 0..N-1) with axis titles and a grid; below the axis,
+    the chosen split of every skip ratio as bars over the skipped leading and trailing blocks."""
     from PIL import Image, ImageDraw, ImageFont
 
     W, H = size
-    left, right, top, bottom = 120, 20, 50, 90
+    left, right, top, bottom = 90, 24, 76, 120
     im = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(im)
     font = ImageFont.load_default()
@@ -101,32 +102,40 @@ def draw_profile(doc: dict, note: str | None = None, size: tuple[int, int] = (72
     def y(v: float) -> float:
         return H - bottom - (H - top - bottom) * v / ymax
 
-    colors = [(214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
-    for j, (r, (n, m)) in enumerate(sorted(doc["table"].items())):
-        c = colors[j % len(colors)]
-        yy = H - bottom + 18 + 12 * j
-        d.text((4, yy - 5), f"r={r}: n*={n} m*={m}", fill=c, font=font)
-        if n:  # skipped leading blocks [0, n) and trailing [N-m, N) on the block axis
-            d.line([(x(0), yy), (x(n - 1), yy)], fill=c, width=5)
-        if m:
-            d.line([(x(n_blocks - m), yy), (x(n_blocks - 1), yy)], fill=c, width=5)
-    d.line([(left, top), (left, H - bottom), (W - right, H - bottom)], fill="black")
-    for t in range(n_blocks):
-        d.line([(x(t), H - bottom), (x(t), H - bottom + 3)], fill="black")
-        if n_blocks <= 20 or t % 5 == 0:
-            d.text((x(t) - 3, H - bottom + 4), str(t), fill="black", font=font)
-    for f in (0.0, 0.5, 1.0):
-        d.text((4, y(f * ymax / 1.1) - 5), f"{f * ymax / 1.1:.3g}", fill="black", font=font)
+    grid = (225, 225, 225)
+    for k in range(6):  # horizontal grid + y tick labels
+        v = ymax / 1.1 * k / 5
+        d.line([(left, y(v)), (W - right, y(v))], fill=grid)
+        d.text((left - 50, y(v) - 6), f"{v:.3g}", fill="black", font=font)
+    for t in range(n_blocks):  # vertical grid + x tick labels
+        d.line([(x(t), top), (x(t), H - bottom)], fill=grid)
+        if n_blocks <= 30 or t % 5 == 0:
+            d.text((x(t) - 4, H - bottom + 5), str(t), fill="black", font=font)
+    d.line([(left, top), (left, H - bottom), (W - right, H - bottom)], fill="black", width=2)
+    d.text((left + (W - left - right) // 2 - 150, H - bottom + 20),
+           f"window start s (blocks s..s+{doc['window'] - 1} masked; block index in execution order)", fill="black", font=font)
+    d.text((6, top - 16), "distance 1 - cos(DINO)", fill="black", font=font)
     pts = [(x(p["start"]), y(p["distance"])) for p in prof]
     if len(pts) > 1:
         d.line(pts, fill=(31, 119, 180), width=2)
     for px, py in pts:
-        d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=(31, 119, 180))
-    d.text((left, 8), f"{doc['model_key']}: 1 - cos(DINO) vs window start (W={doc['window']}, N={n_blocks})",
+        d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=(31, 119, 180))
+    colors = [(214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+    for j, (r, (n, m)) in enumerate(sorted(doc["table"].items())):
+        c = colors[j % len(colors)]
+        yy = H - bottom + 44 + 16 * j
+        # the label sits over the kept (middle) blocks, where the bars leave room
+        d.text((x((n + n_blocks - m - 1) / 2) - 60, yy - 6), f"ratio {r}: skip n*={n}, m*={m}", fill=c, font=font)
+        if n:  # skipped leading blocks [0, n) and trailing [N-m, N) on the block axis
+            d.line([(x(0), yy), (x(n - 1) + 2, yy)], fill=c, width=6)
+        if m:
+            d.line([(x(n_blocks - m) - 2, yy), (x(n_blocks - 1), yy)], fill=c, width=6)
+    d.text((left, 8), f"Masking probe profile: {doc['model_key']} (N={n_blocks} blocks, window W={doc['window']})",
            fill="black", font=font)
-    d.text((left, 22), "bars below the axis: blocks skipped by the chosen split per skip ratio", fill="black", font=font)
+    d.text((left, 24), "higher = masking these blocks' image-to-text attention changes the subject more", fill="black",
+           font=font)
     if note:
-        d.text((left, 34), note, fill=(200, 0, 0), font=font)
+        d.text((left, 40), note, fill=(200, 0, 0), font=font)
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()

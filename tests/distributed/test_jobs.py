@@ -57,7 +57,7 @@ def test_unknown_yaml_key_and_every_job_file_parses(tmp_path):
 
 def test_demo_yaml_is_embedded_verbatim():
     from blockskip_ray.commands.demo import DEMO_JOB_YAML
-    assert (ROOT / "jobs/demo-tiny.yaml").read_text() == DEMO_JOB_YAML
+    assert (ROOT / "jobs/demo-toy.yaml").read_text() == DEMO_JOB_YAML
 
 
 # ------------------------------------------------------------------------------------ fixtures
