@@ -101,7 +101,7 @@ def error_key(row: int, raw_id: str | None, taken: set[str]) -> str:
 def validate_catalog(job: JobSpec, status: JobStatus, catalog_path: str, log: Log = _stderr
                      ) -> tuple[list[Subject], dict[str, str]]:
     """load_catalog + record every bad row as failed (stage validate). --strict refuses the job first."""
-    valid, errors = load_catalog(catalog_path)
+    valid, errors = load_catalog(catalog_path, job.max_image_pixels)
     if errors and job.strict:
         lines = "; ".join(f"row {r} ({i!r}): {why}" for r, i, why in errors[:10])
         raise ValueError(f"catalog {catalog_path}: {len(errors)} invalid row(s) and strict=true: {lines}")
@@ -173,7 +173,7 @@ def precompute_stage(job: JobSpec, store: Store, model_dir: str, subjects: list[
     t = job.train
     cfg = PrecomputeConfig(model=model_dir, skip=tuple(skip), mode=t.mode, steps=t.steps, resolution=t.resolution,
                            s_max=t.s_max, seed=t.seed, max_text_tokens=t.max_text_tokens, guidance=t.guidance,
-                           **opts)
+                           max_image_pixels=job.max_image_pixels, **opts)
     results = run_precompute(store, subjects, cfg, log=lambda m: log(f"[{job.job_id}] precompute: {m}"))
     return {sid: str(r.get("error") or "precompute failed") for sid, r in results.items() if r["state"] == "failed"}
 

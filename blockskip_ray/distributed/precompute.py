@@ -32,6 +32,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..method.catalog import Subject, open_images, subject_from_json
+from ..method.images import DEFAULT_MAX_PIXELS
 from ..method.modes import get_mode
 from ..method.sampling import PlanConfig, build_plan
 from ..method.stored import make_meta, model_key, stored_meta, write_features
@@ -56,6 +57,7 @@ class PrecomputeConfig:
     batch_size: int = 4
     shard_max_bytes: int = 256 * 2**20
     endpoint_url: str | None = None  # for s3:// image URIs
+    max_image_pixels: int | None = DEFAULT_MAX_PIXELS  # per-image pixel budget, checked from the header
 
     @property
     def compute_dtype(self) -> str:
@@ -82,7 +84,7 @@ class FeatureActor:
         sid = row["subject_id"]
         if self._subject is None or self._subject[0] != sid:  # rows come grouped by subject: cache one
             subject = subject_from_json(json.loads(row["subject_json"]))
-            images = open_images(subject, self.cfg.endpoint_url)
+            images = open_images(subject, self.cfg.endpoint_url, self.cfg.max_image_pixels)
             self._subject = (sid, images, self.fc.text(subject.prompt))
         return self._subject[1], self._subject[2]
 
@@ -108,7 +110,7 @@ def subject_meta(cfg: PrecomputeConfig, subject: Subject, key: str) -> dict[str,
 def subject_plan(cfg: PrecomputeConfig, subject: Subject) -> list[dict]:
     """The plan exactly as `blockskip train` builds it (same PlanConfig, same pixel multiple)."""
     multiple = pixel_multiple(cfg.model)  # also validates the model directory
-    sizes = [im.size for im in open_images(subject, cfg.endpoint_url)]
+    sizes = [im.size for im in open_images(subject, cfg.endpoint_url, cfg.max_image_pixels)]
     return build_plan(subject.id, sizes, PlanConfig(steps=cfg.steps, s_min=cfg.resolution, s_max=cfg.s_max,
                                                     sampling=get_mode(cfg.mode).sampling, seed=cfg.seed), multiple)
 

@@ -75,7 +75,8 @@ def subject_train_spec(job: JobSpec, model_dir: str, subject_id: str, prompt: st
                      skip=skip, skip_ratio=None if skip is not None else t.skip_ratio, mode=t.mode, steps=t.steps,
                      resolution=t.resolution, s_max=t.s_max, seed=t.seed, max_text_tokens=t.max_text_tokens,
                      checkpoint_every=t.checkpoint_every, num_samples=job.samples.num,
-                     sample_steps=job.samples.steps, sample_size=job.samples.size, device="auto", optim=optim)
+                     sample_steps=job.samples.steps, sample_size=job.samples.size, device="auto", optim=optim,
+                     max_image_pixels=job.max_image_pixels)
 
 
 def _materialize_images(images: Any, dest: Path) -> str:
