@@ -36,9 +36,10 @@ def check_pixels(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tup
     if path.stat().st_size == 0:
         raise ValueError(f"image {path} is empty (0 bytes)")
     try:
-        with warnings.catch_warnings(), Image.open(path) as im:  # header only: nothing is decoded here
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the budget below decides
-            w, h = im.size
+            with Image.open(path) as im:  # header only: nothing is decoded here
+                w, h = im.size
     except Image.DecompressionBombError as e:  # over PIL's own limit, so over any budget we allow
         raise ValueError(f"image {path} is over the pixel budget max_image_pixels={max_pixels} ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
