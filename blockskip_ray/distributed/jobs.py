@@ -198,23 +198,17 @@ class Progress:
 
 
 def init_ray(job: JobSpec, log: Log = _stderr) -> None:
-    """ray.address: "auto" joins the running cluster, else starts a local one; "local" always starts a private
-    local Ray (the demo: never someone else's cluster on a shared machine); anything else is a cluster address."""
+    """ray.address: "auto" joins the recorded cluster when it is alive, else starts a local one (a dead recorded
+    cluster is detected in seconds: distributed/ray_address.py); "local" always starts a private local Ray (the
+    demo: never someone else's cluster on a shared machine); anything else is a cluster address, which must be
+    reachable (else a one-line ValueError)."""
     import ray
+
+    from . import ray_address
     if ray.is_initialized():
         return
-    address = job.ray.address
-    if address and address != "local":
-        try:
-            ray.init(address=address, log_to_driver=True)
-            log(f"[{job.job_id}] joined the Ray cluster ({ray.cluster_resources().get('CPU', 0):.0f} CPUs, "
-                f"{ray.cluster_resources().get('GPU', 0):.0f} GPUs)")
-            return
-        except ConnectionError:
-            if address != "auto":
-                raise
-    ray.init(address="local", num_cpus=job.ray.num_cpus, include_dashboard=False)
-    log(f"[{job.job_id}] started a local Ray ({ray.cluster_resources().get('CPU')} CPUs)")
+    ray_address.init(job.ray.address, job.ray.num_cpus, log=lambda m: log(f"[{job.job_id}] {m}"),
+                     local_kwargs={"include_dashboard": False}, log_to_driver=True)
 
 
 def run_job(job: JobSpec, log: Log = _stderr) -> JobResult:
