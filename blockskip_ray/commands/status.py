@@ -27,4 +27,8 @@ def run(args: argparse.Namespace) -> int:
     if not rows:
         raise FileNotFoundError(f"job {args.job_id}: no status table in {args.store}")
     print(status.format_table())
+    from ..store.lease import describe_driver
+    driver = describe_driver(status.store, args.job_id)  # finished / exited: SIGTERM / died without closing
+    if driver:
+        print(driver)
     return 0
