@@ -177,7 +177,9 @@ def precompute_stage(job: JobSpec, store: Store, model_dir: str, subjects: list[
     cfg = PrecomputeConfig(model=model_dir, skip=tuple(skip), mode=t.mode, steps=t.steps, resolution=t.resolution,
                            s_max=t.s_max, seed=t.seed, max_text_tokens=t.max_text_tokens, guidance=t.guidance,
                            max_image_pixels=job.max_image_pixels, **opts)
-    results = run_precompute(store, subjects, cfg, log=lambda m: log(f"[{job.job_id}] precompute: {m}"))
+    results = run_precompute(store, subjects, cfg, overwrite=job.overwrite,
+                             overwrite_hint="set overwrite: true in the job (or the override overwrite=true)",
+                             log=lambda m: log(f"[{job.job_id}] precompute: {m}"))
     return {sid: str(r.get("error") or "precompute failed") for sid, r in results.items() if r["state"] == "failed"}
 
 

@@ -102,11 +102,27 @@ def _features(spec: TrainSpec, store: Store, images, plan, skip, device, start: 
     from ..store import is_committed
 
     if is_committed(store, spec.subject_id):
-        text, _, feats = read_features(store, spec.subject_id, expect=spec_meta(spec, skip))
-        return text, ((s, f) for s, f in feats if s >= start)
+        from ..store.features import FeatureDamage, invalidate_features
+        try:
+            text, _, feats = read_features(store, spec.subject_id, expect=spec_meta(spec, skip))
+        except FeatureDamage as e:
+            invalidate_features(store, spec.subject_id)
+            raise FeatureDamage(f"{e}; the feature set was invalidated and the next run rebuilds it") from None
+        return text, _damage_checked(store, spec.subject_id, ((s, f) for s, f in feats if s >= start))
     from ..method.personalize import precompute
     text, feats = precompute(spec, images, plan[start:], skip, device, progress=False)
     return text, iter(feats)
+
+
+def _damage_checked(store: Store, subject_id: str, feats):
+    """Pass the features through; a damaged committed set (checksum mismatch found while reading) is invalidated
+    so the next run's precompute rebuilds it instead of skipping it as committed, then the error goes on."""
+    from ..store.features import FeatureDamage, invalidate_features
+    try:
+        yield from feats
+    except FeatureDamage as e:
+        invalidate_features(store, subject_id)
+        raise FeatureDamage(f"{e}; the feature set was invalidated and the next run rebuilds it") from None
 
 
 def train_loop(cfg: dict[str, Any]) -> None:
