@@ -46,6 +46,7 @@ class TrainSection:
     seed: NonNeg = 0
     max_text_tokens: Pos = 512
     checkpoint_every: NonNeg = 50
+    keep_checkpoints: Pos = 2  # checkpoints kept per subject (older ones deleted); >= 2 allows a fallback
     rank: Pos = 16
     alpha: Optional[PosFloat] = None
     lr: PosFloat = 1e-4

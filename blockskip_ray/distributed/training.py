@@ -27,12 +27,14 @@ from typing import Any
 
 import ray
 import ray.train
-from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from ..method.personalize import TrainSpec, pick_device, prepare, sample_images, write_outputs
 from ..method.trainer import OptimConfig
 from ..store import Store, put_adapter
+from ..store.s3conf import take_failed_uploads
+from .checkpoints import check_persisted, load_verified, write_manifest
 from .jobspec import JobSpec
 
 # Fault hook for tests and drills: BLOCKSKIP_FAULT="SUBJECT:STEP[:exit|raise]" kills (os._exit) or fails the
@@ -164,10 +166,14 @@ def train_loop(cfg: dict[str, Any]) -> None:
             transformer, stack = load_kept_transformer(spec.model, skipped, device, dtype)
             trainer = SkipTrainer(transformer, stack, skip, get_mode(spec.mode), spec.optim, device)
             if ckpt is not None:
-                with ckpt.as_directory() as d:
-                    start = trainer.load_checkpoint(d)
-                    losses = json.loads((Path(d) / "losses.json").read_text())[:start]
-                    resumed = start
+                def load(d: str) -> int:
+                    nonlocal losses
+                    step = trainer.load_checkpoint(d)
+                    losses = json.loads((Path(d) / "losses.json").read_text())[:step]
+                    return step
+
+                # verified against its manifest; a damaged latest falls back to the newest earlier good one
+                start = resumed = load_verified(ckpt, load, log)
         except Exception as e:
             raise StageError("train", f"{type(e).__name__}: {e}") from e
         try:
@@ -194,8 +200,11 @@ def train_loop(cfg: dict[str, Any]) -> None:
                     with tempfile.TemporaryDirectory() as d:
                         trainer.save_checkpoint(d)
                         (Path(d) / "losses.json").write_text(json.dumps(losses))
+                        write_manifest(d, trainer.step_count)  # last: sha256 of every file, checked at resume
+                        take_failed_uploads()  # forget failures of earlier uploads in this process
                         ray.train.report({"step": trainer.step_count, "loss": losses[-1]},
                                          checkpoint=Checkpoint.from_directory(d))
+                        check_persisted(trainer.step_count)
         except Exception as e:
             raise StageError("train", f"{type(e).__name__}: {e}") from e
         elapsed = time.perf_counter() - t0 if t0 is not None else 0.0
@@ -269,7 +278,10 @@ def make_trainer(job: JobSpec, store: Store, subject_id: str, cfg: dict[str, Any
         scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=res),
         run_config=RunConfig(storage_path=store.fs_path(f"subjects/{subject_id}/checkpoints"),
                              storage_filesystem=store.filesystem, name=f"{job.job_id}-{subject_id}",
-                             failure_config=FailureConfig(max_failures=r.max_failures)),
+                             failure_config=FailureConfig(max_failures=r.max_failures),
+                             # the last N (train.keep_checkpoints) stay: the latest, and earlier ones that a
+                             # damaged latest falls back to; Ray deletes the older ones as new ones persist
+                             checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints)),
     )
 
 
