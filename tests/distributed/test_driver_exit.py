@@ -61,11 +61,11 @@ def fakes(monkeypatch):
 
 
 def _signal_when(started: threading.Event, sig: int, release: threading.Event) -> threading.Thread:
+    """Signal the process once both subjects run; the fake trainings stay blocked until the test's teardown
+    (no timing assumption: the driver must not wait for them)."""
     def go():
-        if started.wait(60):
+        if started.wait(600):
             os.kill(os.getpid(), sig)
-            time.sleep(0.5)
-        release.set()
     t = threading.Thread(target=go, daemon=True)
     t.start()
     return t
