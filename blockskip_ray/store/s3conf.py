@@ -16,8 +16,9 @@ from __future__ import annotations
 import io
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow.fs as pafs
 
@@ -78,6 +79,33 @@ def content_type(key: str) -> str:
     return _CONTENT_TYPES.get(name[dot:].lower() if dot > 0 else "", "application/octet-stream")
 
 
+_QUOTA_LOCK = threading.Lock()
+
+
+@contextmanager
+def _no_retry_quota() -> Iterator[None]:
+    """Build a client whose standard-mode retries are not capped by botocore's retry quota.
+
+    The quota (500 tokens per client, 5-10 per retry, refilled only by successes) is meant to stop retry
+    storms, but it turns one long outage into fast failures for every later call of a long-lived client: the
+    store fault drill saw feature writes fail after 0.0 s in the second outage. The retry budget per call
+    (RetryPolicy) already bounds the retries, so the client gets a quota that never runs out. botocore offers
+    no setting for this: the RetryQuota class is swapped only while the client is created (under a lock)."""
+    from botocore.retries import quota, standard
+
+    class _Unlimited(quota.RetryQuota):
+        def acquire(self, capacity_amount: int) -> bool:
+            return True
+
+    with _QUOTA_LOCK:
+        original = standard.quota.RetryQuota
+        standard.quota.RetryQuota = _Unlimited
+        try:
+            yield
+        finally:
+            standard.quota.RetryQuota = original
+
+
 @dataclass(frozen=True)
 class S3Settings:
     """Where and how to reach S3; holds no secret (safe to pickle, log and compare)."""
@@ -115,14 +143,16 @@ class S3Settings:
         return boto3.Session(profile_name=self.profile)
 
     def boto_client(self, session: Any = None) -> Any:
-        """A boto3 S3 client signing with the session's (refreshing) credentials, retrying per the policy."""
+        """A boto3 S3 client signing with the session's (refreshing) credentials, retrying per the policy,
+        without botocore's retry quota (see _no_retry_quota)."""
         from botocore.config import Config
 
         cfg = Config(retries=self.retry.botocore_retries(), connect_timeout=self.connect_timeout or 10,
                      read_timeout=self.request_timeout or 60,
                      s3={"addressing_style": "path"} if self.endpoint else None)
-        return (session or self.session()).client("s3", config=cfg, region_name=self.region,
-                                                  endpoint_url=self.endpoint)
+        with _no_retry_quota():
+            return (session or self.session()).client("s3", config=cfg, region_name=self.region,
+                                                      endpoint_url=self.endpoint)
 
     def arrow_kwargs(self) -> dict[str, Any]:
         """``pyarrow.fs.S3FileSystem`` keyword arguments without credentials."""

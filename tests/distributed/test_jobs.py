@@ -155,7 +155,8 @@ def test_bad_subject_fails_alone_and_exit_is_nonzero(reference, capsys):
     store = reference["store"]
     rows = {r["subject_id"]: r for r in JobStatus(Store.open(str(store)), "ref").read()}
     assert rows["toy-a"]["state"] == "succeeded" and rows["toy-a"]["attempts"] == 1
-    assert rows["toy-bad"]["state"] == "failed" and rows["toy-bad"]["stage"] == "precompute"
+    # image headers are read at catalog validation (the pixel budget), so an unreadable image fails there
+    assert rows["toy-bad"]["state"] == "failed" and rows["toy-bad"]["stage"] == "validate"
     assert "is not a readable image" in rows["toy-bad"]["error"]
     assert rows["row-3"]["state"] == "failed" and rows["row-3"]["stage"] == "validate"
     sub = store / "subjects" / "toy-a"
@@ -170,7 +171,7 @@ def test_bad_subject_fails_alone_and_exit_is_nonzero(reference, capsys):
     from blockskip_ray.commands import status as status_cmd
     assert status_cmd.run(argparse.Namespace(job_id="ref", store=str(store), json=False)) == 0
     out = capsys.readouterr().out
-    assert "3 subjects (1 succeeded, 2 failed)" in out and "toy-bad" in out and "precompute" in out
+    assert "3 subjects (1 succeeded, 2 failed)" in out and "toy-bad" in out and "validate" in out
 
 
 def test_rerun_keeps_finished_subjects(reference, tmp_path):

@@ -38,6 +38,8 @@ def s3(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ray_local(s3):  # after the AWS env is set: Ray workers inherit it
     import ray
+    import ray.cloudpickle
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
