@@ -92,6 +92,19 @@ def load_verified(ckpt: Checkpoint, load: Callable[[str], int], log: Callable[[s
                      f"verifies; the subject cannot resume exactly")
 
 
+def prune(store, prefix: str, keep: int) -> list[str]:
+    """Delete all but the newest `keep` checkpoint_* directories under `prefix` (a run directory of the store);
+    returns the deleted ones. Ray Train's CheckpointConfig(num_to_keep) does this as it goes, but leaves the
+    extra ones of a run that ends right after reporting; this runs once the subject has succeeded."""
+    rels = [k[len(prefix) + 1:] for k in store.list(prefix)]
+    dirs = sorted({r.split("/", 1)[0] for r in rels if "/" in r})  # Ray's own files beside them are no checkpoints
+    ckpts = [n for n in dirs if n.startswith("checkpoint_")]
+    doomed = ckpts[:-keep] if keep < len(ckpts) else []
+    for name in doomed:
+        store.delete_prefix(f"{prefix}/{name}")
+    return doomed
+
+
 def check_persisted(step: int) -> None:
     """Raise when an upload of the checkpoint just reported failed although Ray Train returned normally."""
     from ..store.s3conf import take_failed_uploads
@@ -101,4 +114,4 @@ def check_persisted(step: int) -> None:
                       f"{failed[0]})")
 
 
-__all__ = ["write_manifest", "verify", "load_verified", "check_persisted", "MANIFEST"]
+__all__ = ["write_manifest", "verify", "load_verified", "check_persisted", "prune", "MANIFEST"]

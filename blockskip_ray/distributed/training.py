@@ -34,7 +34,7 @@ from ..method.personalize import TrainSpec, pick_device, prepare, sample_images,
 from ..method.trainer import OptimConfig
 from ..store import Store, put_adapter
 from ..store.s3conf import take_failed_uploads
-from .checkpoints import check_persisted, load_verified, write_manifest
+from .checkpoints import check_persisted, load_verified, prune, write_manifest
 from .jobspec import JobSpec
 
 # Fault hook for tests and drills: BLOCKSKIP_FAULT="SUBJECT:STEP[:exit|raise]" kills (os._exit) or fails the
@@ -292,6 +292,7 @@ def fit_subject(job: JobSpec, store: Store, subject_id: str, spec: TrainSpec, im
            "eval_prompts": eval_prompts if job.samples.eval else [], "fault": parse_fault(subject_id),
            "spec": {**asdict(spec), "optim": asdict(spec.optim)}}
     make_trainer(job, store, subject_id, cfg).fit()
+    prune(store, f"subjects/{subject_id}/checkpoints/{job.job_id}-{subject_id}", job.train.keep_checkpoints)
     return store.read_json(f"subjects/{subject_id}/metrics.json")
 
 

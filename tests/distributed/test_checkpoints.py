@@ -73,3 +73,18 @@ def test_keep_checkpoints_reaches_ray_train(tmp_path):
     assert load_spec({"job_id": "j", "model": "m"}).train.keep_checkpoints == 2
     with pytest.raises(ValueError, match="train.keep_checkpoints"):
         load_spec({"job_id": "j", "model": "m"}, ["train.keep_checkpoints=0"])
+
+
+def test_prune_keeps_the_newest(tmp_path):
+    from blockskip_ray.distributed.checkpoints import prune
+    from blockskip_ray.store import Store
+    store = Store.open(str(tmp_path))
+    run = "subjects/a/checkpoints/j-a"
+    for i in range(4):
+        store.write_bytes(f"{run}/checkpoint_2026-01-01_00-00-0{i}.000000/state.safetensors", b"x")
+    store.write_bytes(f"{run}/checkpoint_manager_snapshot.json", b"{}")
+    assert prune(store, run, 2) == ["checkpoint_2026-01-01_00-00-00.000000", "checkpoint_2026-01-01_00-00-01.000000"]
+    assert sorted({k.split("/")[4] for k in store.list(run)}) == [
+        "checkpoint_2026-01-01_00-00-02.000000", "checkpoint_2026-01-01_00-00-03.000000",
+        "checkpoint_manager_snapshot.json"]
+    assert prune(store, run, 2) == []

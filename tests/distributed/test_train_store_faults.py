@@ -70,7 +70,9 @@ def test_ray_train_checkpoints_ride_out_an_outage(s3, ray_local):
     from blockskip_ray.store import Store
     store = Store.open("s3://ckpt/p", endpoint_url=s3.endpoint)
     s3.clear()
-    s3.outage(4.0, kind="status", code="SlowDown", path_contains="/checkpoints/")  # 503 for every request
+    # 503 for every request to the run's storage for 4 s from its first request (Ray Train's start time under
+    # load is unknown): the controller's and the worker's (pickled) filesystems must retry through it
+    s3.outage(4.0, kind="status", code="SlowDown", path_contains="/checkpoints/", armed=True)
     trainer = TorchTrainer(_loop, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
                            run_config=RunConfig(storage_path=store.fs_path("subjects/a/checkpoints"),
                                                 storage_filesystem=store.filesystem, name="run",

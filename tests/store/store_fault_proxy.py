@@ -34,6 +34,7 @@ class Fault:
     methods: tuple[str, ...] = ()  # empty: any method
     path_contains: str = ""
     until: float = 0.0            # > 0: a time window (time.monotonic()) instead of a count: an outage
+    duration: float = 0.0         # > 0: an outage of this length that starts at the first matching request
 
 
 @dataclass
@@ -151,10 +152,12 @@ class FaultProxy:
         with self._lock:
             self._faults.append(Fault(kind=kind, count=count, **kw))  # type: ignore[arg-type]
 
-    def outage(self, seconds: float, kind: str = "status", **kw: object) -> None:
-        """Every matching request fails for the next `seconds` (503 SlowDown by default, or drop)."""
+    def outage(self, seconds: float, kind: str = "status", armed: bool = False, **kw: object) -> None:
+        """Every matching request fails for the next `seconds` (503 SlowDown by default, or drop); armed: the
+        window starts at the first matching request (for traffic whose start time the test does not know)."""
         with self._lock:
-            self._faults.append(Fault(kind=kind, count=1, until=time.monotonic() + seconds, **kw))  # type: ignore[arg-type]
+            timing = {"duration": seconds} if armed else {"until": time.monotonic() + seconds}
+            self._faults.append(Fault(kind=kind, count=1, **timing, **kw))  # type: ignore[arg-type]
 
     def clear(self) -> None:
         with self._lock:
@@ -163,7 +166,7 @@ class FaultProxy:
 
     def pending(self) -> int:
         with self._lock:
-            return sum(f.count for f in self._faults if not f.until)
+            return sum(f.count for f in self._faults if not f.until and not f.duration)
 
     def _take(self, method: str, path: str) -> Fault | None:
         with self._lock:
@@ -171,6 +174,8 @@ class FaultProxy:
             self._faults = [f for f in self._faults if not f.until or f.until > now]
             for f in self._faults:
                 if (not f.methods or method in f.methods) and f.path_contains in path:
+                    if f.duration and not f.until:
+                        f.until = now + f.duration
                     if f.until:
                         return f
                     f.count -= 1
