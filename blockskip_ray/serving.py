@@ -7,8 +7,6 @@ every generation runs under one lock, and the active set is `[adapter]` right be
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
 import io
 import shutil
 import tempfile
@@ -20,6 +18,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .http_guard import check_bearer, token_digest  # noqa: F401 (re-exported)
 from .store import ADAPTER_FILE, Store, adapter_prefix, fetch_adapter
 from .store.ids import ID_PATTERN, is_valid_id, validate_id
 
@@ -62,6 +61,9 @@ class ServeLimits:
     multiple: int = 16  # FLUX packs 2x2 latents of a factor-8 VAE; use 32 for SANA's DC-AE
     max_prompt_chars: int = 1000
     max_guidance: float = 30.0
+    # Compute budget of one request: steps x width x height. The default admits 28 steps at 1024x1024 (or 50
+    # at 768x768) and refuses 50 at 1024x1024, the request that held a replica for minutes.
+    max_step_pixels: int = 28 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if not (1 <= self.default_steps <= self.max_steps):
@@ -73,6 +75,9 @@ class ServeLimits:
                              f"in [{self.min_side}, {self.max_side}]")
         if self.max_prompt_chars < 1 or self.max_guidance < 0:
             raise ValueError(f"bad limits: {self}")
+        if self.max_step_pixels < self.default_steps * self.default_side ** 2:
+            raise ValueError(f"max_step_pixels {self.max_step_pixels} refuses the default request "
+                             f"({self.default_steps} steps at {self.default_side}x{self.default_side})")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,21 +114,12 @@ def resolve(req: ImageRequest, limits: ServeLimits, random_seed: int) -> Job:
         if v % limits.multiple:
             raise ValueError(f"{name} {v} is not a multiple of {limits.multiple}")
         sides[name] = v
+    cost = steps * sides["width"] * sides["height"]
+    if cost > limits.max_step_pixels:
+        raise ValueError(f"compute budget exceeded: steps x width x height = {cost} > max_step_pixels "
+                         f"{limits.max_step_pixels}; use fewer steps or a smaller image")
     seed = random_seed if req.seed is None else req.seed
     return Job(req.adapter, req.prompt, seed, steps, req.guidance, sides["width"], sides["height"])
-
-
-def token_digest(token: str) -> str:
-    """What the server keeps instead of the token itself (so it never sits in deployment configs)."""
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def check_bearer(authorization: str | None, digest: str) -> bool:
-    """Constant-time check of an `Authorization: Bearer <token>` header against a token digest."""
-    scheme, _, given = (authorization or "").partition(" ")
-    ok_scheme = scheme.lower() == "bearer"
-    # Compare digests of equal length; compare_digest keeps the timing independent of where they differ.
-    return hmac.compare_digest(token_digest(given.strip()), digest) and ok_scheme
 
 
 def encode_png(image) -> bytes:
@@ -133,9 +129,28 @@ def encode_png(image) -> bytes:
     return buf.getvalue()
 
 
-def generate_image(pipe, job: Job):
-    """One image from a pipeline whose active adapter set is already chosen. Seeded on CPU for reproducibility."""
+class Cancelled(Exception):
+    """The request was abandoned (its client disconnected) before or between denoising steps."""
+
+
+def generate_image(pipe, job: Job, cancel: threading.Event | None = None, progress: list[int] | None = None):
+    """One image from a pipeline whose active adapter set is already chosen. Seeded on CPU for reproducibility.
+
+    `cancel`: checked before the pipeline starts and after every denoising step (diffusers'
+    `callback_on_step_end`); once set, `Cancelled` is raised and the remaining steps and the VAE decode are
+    skipped. `progress`, when given, gets one entry per finished step (for stats and tests)."""
     extra: dict[str, Any] = {}
+    if cancel is not None or progress is not None:
+        def on_step_end(_pipe, step: int, _t, kwargs: dict) -> dict:
+            if progress is not None:
+                progress.append(step)
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"cancelled after step {step + 1} of {job.steps}")
+            return kwargs
+
+        extra["callback_on_step_end"] = on_step_end
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("cancelled before the first step")
     if type(pipe).__name__ == "SanaPipeline":
         extra["use_resolution_binning"] = False  # answer exactly the size asked for
     if job.guidance is not None:
@@ -200,14 +215,18 @@ class AdapterHost:
                 self.pipe.delete_adapters(adapter_id)
             self.loaded.discard(adapter_id)
 
-    def generate_png(self, job: Job) -> bytes:
+    def generate_png(self, job: Job, cancel: threading.Event | None = None,
+                     progress: list[int] | None = None) -> bytes:
+        """PNG bytes of `job`; `Cancelled` when `cancel` is set before it starts or between its steps."""
         with self.lock:
+            if cancel is not None and cancel.is_set():  # abandoned while it waited for the pipeline
+                raise Cancelled("cancelled before the first step")
             transient = job.adapter not in self.loaded
             if transient:  # evicted after this request was routed: load it just for this generation
                 self.load(job.adapter)
             try:
                 self.pipe.set_adapters([job.adapter])
-                image = generate_image(self.pipe, job)
+                image = generate_image(self.pipe, job, cancel, progress)
             finally:
                 if transient:
                     self.unload(job.adapter)

@@ -57,3 +57,14 @@ def test_cpu_step_memory_benchmark_prints_three_configs(tmp_path):
     rows = re.findall(r"^(lora|blockskip-30%|blockskip-50%)\s+\((\d+), (\d+)\)\s", out, flags=re.M)
     assert [r[0] for r in rows] == ["lora", "blockskip-30%", "blockskip-50%"], out
     assert rows[0][1:] == ("0", "0") and all(int(n) + int(m) > 0 for _, n, m in rows[1:])
+
+
+def test_serve_abuse_benchmark_prints_every_scenario():
+    out = _run("serve_abuse.py", "--stalled", "10", "--abandoned", "1", "--abandoned-steps", "60", "--burst", "12",
+               timeout=600)
+    rows = dict(re.findall(r"^\| (.+?) \| (.+?) \|$", out, flags=re.M))
+    assert rows["10 stalled connections held: /healthz, /v1/adapters, image (s, status)"].count("(200)") == 3, out
+    assert rows["UTF-16 JSON / text/plain content type"] == "400 / 415", out
+    assert re.fullmatch(r"(401 \d+ B [\d.]+ s, ){2}401 \d+ B [\d.]+ s",
+                        rows["3 x unauthenticated 10.7 MB body (1 MB sent): status, answer bytes, seconds"]), out
+    assert "command: PYTHONPATH=$PWD python benchmarks/serve_abuse.py" in out

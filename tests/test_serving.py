@@ -1,12 +1,14 @@
 """The pure part of the image service: request schema, limits, auth, and adapter isolation in one pipeline."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from pydantic import ValidationError
 
 from blockskip_ray.models.loading import load_pipeline
-from blockskip_ray.serving import (AdapterHost, ImageRequest, Job, ServeLimits, build_tiny_adapter_store,
+from blockskip_ray.serving import (AdapterHost, Cancelled, ImageRequest, Job, ServeLimits, build_tiny_adapter_store,
                                    check_bearer, encode_png, generate_image, resolve, token_digest)
 from blockskip_ray.store import Store, fetch_adapter
 
@@ -106,3 +108,52 @@ def test_png_bytes_deterministic(tiny_store):
     a, b = (encode_png(generate_image(pipe, _job("x", seed=9))) for _ in range(2))
     assert a == b and a[:8] == b"\x89PNG\r\n\x1a\n"
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_compute_budget():
+    lim = ServeLimits(max_steps=50, max_side=1024, max_step_pixels=20 * 256 * 256, default_side=256, default_steps=4)
+    assert resolve(req(steps=20, width=256, height=256), lim, 0).steps == 20
+    with pytest.raises(ValueError, match="compute budget exceeded: steps x width x height = 1376256 > max_step_pixels"):
+        resolve(req(steps=21, width=256, height=256), lim, 0)
+    with pytest.raises(ValueError, match="compute budget"):
+        resolve(req(steps=4, width=1024, height=1024), lim, 0)
+    d = ServeLimits()  # the default refuses the 50-step 1024x1024 request, admits 28 steps at 1024x1024
+    assert resolve(req(steps=28, width=1024, height=1024), d, 0).steps == 28
+    with pytest.raises(ValueError, match="compute budget"):
+        resolve(req(steps=50, width=1024, height=1024), d, 0)
+    with pytest.raises(ValueError, match="refuses the default request"):
+        ServeLimits(max_step_pixels=1000)
+
+
+class _CancelAfter(list):
+    """A progress list that sets `event` once `n` steps are done (as a disconnect would, from outside)."""
+
+    def __init__(self, event: threading.Event, n: int):
+        super().__init__()
+        self.event, self.n = event, n
+
+    def append(self, step):
+        super().append(step)
+        if len(self) >= self.n:
+            self.event.set()
+
+
+def test_cancellation_between_and_before_steps(tiny_store, tmp_path):
+    model, store_dir = tiny_store
+    host = AdapterHost(load_pipeline(model), Store.open(str(store_dir)), tmp_path / "cache")
+    host.load("toy-a")
+    job = Job("toy-a", "a photo of sks toy", 3, 8, None, 64, 64)
+    ref = host.generate_png(job)
+    cancel = threading.Event()
+    progress = _CancelAfter(cancel, 2)
+    with pytest.raises(Cancelled, match="after step 2 of 8"):
+        host.generate_png(job, cancel, progress)
+    assert list(progress) == [0, 1]  # stopped after the second of eight steps
+    done: list[int] = []
+    with pytest.raises(Cancelled, match="before the first step"):
+        host.generate_png(job, cancel, done)  # already cancelled while waiting: no step runs
+    assert done == []
+    assert host.lock.acquire(blocking=False)  # the pipeline is free again
+    host.lock.release()
+    full: list[int] = []
+    assert host.generate_png(job, threading.Event(), full) == ref and full == list(range(8))

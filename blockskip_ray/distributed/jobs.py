@@ -61,11 +61,10 @@ def resolve_model(job: JobSpec, log: Log = _stderr) -> str:
             log(f"building the tiny {family} model into {out}")
             init_model(family, out)
         return str(out.resolve())
-    if "://" in job.model:
-        raise ValueError(f"model {job.model!r}: give a local diffusers pipeline directory (on every node)")
-    if not (Path(job.model) / "model_index.json").is_file():
-        raise FileNotFoundError(f"model {job.model}: no model_index.json (not a diffusers pipeline directory)")
-    return str(Path(job.model).resolve())
+    from ..models import fetch
+    fetch.check_model(job.model)  # hub ids, unpublished URIs, non-pipelines: one line, before any worker starts
+    # s3://: fetched once per node into its model cache (workers fetch the same path on their own node).
+    return str(fetch.ensure_local(job.model).resolve())
 
 
 def resolve_catalog(job: JobSpec, log: Log = _stderr) -> str:

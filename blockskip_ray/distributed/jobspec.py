@@ -169,8 +169,8 @@ def _check(spec: JobSpec) -> None:
     t = spec.train
     if spec.model.startswith("tiny:") and spec.model not in ("tiny:flux", "tiny:sana"):
         raise ValueError(f"model {spec.model!r}: expected tiny:flux or tiny:sana")
-    if "://" in spec.model:
-        raise ValueError(f"model {spec.model!r}: give a local diffusers pipeline directory (on every node)")
+    if "://" in spec.model and not spec.model.startswith("s3://"):  # s3://: models/fetch.py
+        raise ValueError(f"model {spec.model!r}: give a local diffusers pipeline directory or an s3:// URI")
     if spec.catalog is not None and spec.catalog.startswith("synthetic:"):
         n = spec.catalog.split(":", 1)[1]
         if not n.isdigit() or int(n) < 1:

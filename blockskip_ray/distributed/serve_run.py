@@ -19,9 +19,39 @@ import httpx
 import ray
 from ray import serve
 
-from .serve_app import TOKEN_ENV, build_app
+from ..http_guard import PROXY_CALLBACK, PROXY_CALLBACK_ENV, GuardConfig, token_digest
+from .serve_app import TOKEN_ENV, build_app, guard_settings, parse_args
 
 APP_NAME = "blockskip"
+# Idle keep-alive connections are closed after this (Serve's default is 90 s): an idle socket is cheap, but
+# there is no reason to hold thousands of them.
+KEEP_ALIVE_TIMEOUT_S = 5
+
+
+def proxy_env(args: dict[str, Any]) -> dict[str, str]:
+    """Environment that makes Serve's HTTP proxy run the guard (token digest and limits of `args`).
+
+    Ray's proxy actor reads it at start: it must be in the environment of the Ray cluster's processes, i.e.
+    set before `ray.init` starts a local cluster, or in the pod spec on Kubernetes (cluster/kuberay)."""
+    a = parse_args(args)
+    token = a["token"] or os.environ.get(TOKEN_ENV)
+    cfg = GuardConfig(digest=token_digest(token) if token else None, **guard_settings(a))
+    return {PROXY_CALLBACK_ENV: PROXY_CALLBACK, **cfg.env()}
+
+
+@contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """Set `env` in os.environ for the block (what a Ray started inside it inherits), then restore."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -38,18 +68,21 @@ def running_app(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000,
 
     Uses the Ray this process is already connected to, else `ray_address` (default $RAY_ADDRESS; None lets
     Ray find a cluster running on this machine or start a local one; "local" always starts a private one).
+    A Ray started here gets `proxy_env(args)`, so its HTTP proxy runs the guard; on a Ray started elsewhere
+    the proxy runs it only if that cluster's environment has it (the ingress runs it in any case).
     """
     app = build_app(args)  # validate arguments before starting anything
     started_ray = False
     if not ray.is_initialized():
         address = ray_address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, num_cpus=num_cpus if address in (None, "local") else None,
-                 include_dashboard=False, log_to_driver=False)
+        with environment(proxy_env(args)):
+            ray.init(address=address, num_cpus=num_cpus if address in (None, "local") else None,
+                     include_dashboard=False, log_to_driver=False)
         started_ray = True
     try:
         if after_init is not None:
             after_init()
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(http_options={"host": host, "port": port, "keep_alive_timeout_s": KEEP_ALIVE_TIMEOUT_S})
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         yield f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     finally:

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from .fetch import materialize
 from .stack import FluxStack, SanaStack, SkippedBlock, make_stack
 
 FAMILIES = {"FluxPipeline": "flux", "SanaPipeline": "sana"}
@@ -20,7 +21,8 @@ _TRANSFORMERS = {"flux": "FluxTransformer2DModel", "sana": "SanaTransformer2DMod
 
 
 def model_family(model_dir: str | Path) -> str:
-    d = Path(model_dir)
+    # An s3:// URI, or a model-cache path resolved on another node: fetched (once, verified) on this node.
+    d = materialize(model_dir)
     index = d / "model_index.json"
     if not index.is_file():
         raise ValueError(f"unknown model {str(model_dir)!r}: not a diffusers directory (no model_index.json); "
@@ -52,6 +54,7 @@ def pixel_multiple(model_dir: str | Path) -> int:
 def load_pipeline(model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     import diffusers
 
+    model_dir = materialize(model_dir)
     family = model_family(model_dir)
     cls = getattr(diffusers, {"flux": "FluxPipeline", "sana": "SanaPipeline"}[family])
     pipe = cls.from_pretrained(str(model_dir), dtype=dtype)
@@ -86,6 +89,7 @@ def load_kept_transformer(model_dir: str | Path, skipped: list[int], device: str
                           dtype: torch.dtype = torch.float32) -> tuple[nn.Module, FluxStack | SanaStack]:
     import diffusers
 
+    model_dir = materialize(model_dir)
     family = model_family(model_dir)
     tdir = Path(model_dir) / "transformer"
     cls = getattr(diffusers, _TRANSFORMERS[family])

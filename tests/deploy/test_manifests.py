@@ -88,14 +88,51 @@ def kuberay(kind: str) -> list[tuple[Path, dict]]:
     return [(p, d) for p, d in k8s_docs() if d["kind"] == kind]
 
 
+# Where each KubeRay kind keeps its RayClusterSpec (KubeRay CRDs ray.io/v1, ray-project/kuberay
+# ray-operator/config/crd/bases/ray.io_{rayjobs,rayservices}.yaml): RayJob.spec.rayClusterSpec,
+# RayService.spec.rayClusterConfig. The API server prunes unknown fields of a structural CRD schema, so a
+# RayService with `rayClusterSpec` loses its cluster silently.
+CLUSTER_FIELD = {"RayJob": "rayClusterSpec", "RayService": "rayClusterConfig"}
+# The spec properties of the CRDs (same files; KubeRay v1.0 at commit 1184bc8 plus the fields added up to
+# v1.5: upgradeStrategy, authOptions, submissionMode, ...). Anything else is pruned by the API server.
+SPEC_FIELDS = {
+    "RayService": {"rayClusterConfig", "serveConfigV2", "serveService", "serviceUnhealthySecondThreshold",
+                   "deploymentUnhealthySecondThreshold", "excludeHeadPodFromServeSvc", "upgradeStrategy",
+                   "rayClusterDeletionDelaySeconds"},
+    "RayJob": {"entrypoint", "rayClusterSpec", "clusterSelector", "submitterPodTemplate", "submitterConfig",
+               "shutdownAfterJobFinishes", "ttlSecondsAfterFinished", "activeDeadlineSeconds", "backoffLimit",
+               "submissionMode", "runtimeEnvYAML", "jobId", "metadata", "entrypointNumCpus", "entrypointNumGpus",
+               "entrypointResources", "suspend", "managedBy", "deletionStrategy"},
+    "RayCluster": {"rayVersion", "enableInTreeAutoscaling", "autoscalerOptions", "headGroupSpec",
+                   "workerGroupSpecs", "headServiceAnnotations", "suspend", "managedBy", "gcsFaultToleranceOptions",
+                   "authOptions", "upgradeStrategy"},
+}
+# `required` lists of the RayClusterSpec schema (KubeRay >= 1.1: rayStartParams became optional).
+REQUIRED = {"cluster": {"headGroupSpec"}, "headGroupSpec": {"template"}, "workerGroupSpec": {"groupName", "template"}}
+
+
+def crd_problems(kind: str, spec: dict) -> list[str]:
+    """Fields of `spec` the KubeRay CRD does not know, and required fields it lacks."""
+    bad = [f"{kind}.spec.{k}: not a field of the {kind} CRD" for k in sorted(set(spec) - SPEC_FIELDS[kind])]
+    if kind in CLUSTER_FIELD and CLUSTER_FIELD[kind] not in spec:
+        bad.append(f"{kind}.spec.{CLUSTER_FIELD[kind]}: required (the cluster to run on)")
+    cluster = spec if kind == "RayCluster" else spec.get(CLUSTER_FIELD[kind], {})
+    bad += [f"{kind}: cluster spec lacks {k}" for k in sorted(REQUIRED["cluster"] - set(cluster))]
+    bad += [f"{kind}: unknown cluster spec field {k}" for k in sorted(set(cluster) - SPEC_FIELDS["RayCluster"])]
+    bad += [f"{kind}: headGroupSpec lacks {k}" for k in sorted(REQUIRED["headGroupSpec"] - set(cluster.get("headGroupSpec", {})))]
+    for g in cluster.get("workerGroupSpecs", []):
+        bad += [f"{kind}: worker group lacks {k}" for k in sorted(REQUIRED["workerGroupSpec"] - set(g))]
+    return bad
+
+
 def cluster_specs() -> list[tuple[str, dict]]:
-    """(label, RayCluster spec) for the RayCluster and the rayClusterSpec of RayJob / RayService."""
+    """(label, RayCluster spec) for the RayCluster, RayJob.spec.rayClusterSpec, RayService.spec.rayClusterConfig."""
     out = []
     for p, d in k8s_docs():
         if d["kind"] == "RayCluster":
             out.append((f"{_rel(p)}:{d['metadata']['name']}", d["spec"]))
-        elif d["kind"] in ("RayJob", "RayService"):
-            out.append((f"{_rel(p)}:{d['metadata']['name']}", d["spec"]["rayClusterSpec"]))
+        elif d["kind"] in CLUSTER_FIELD:
+            out.append((f"{_rel(p)}:{d['metadata']['name']}", d["spec"].get(CLUSTER_FIELD[d["kind"]], {})))
     return out
 
 
@@ -357,10 +394,77 @@ def test_job_file_pattern(entrypoint, ok):
     assert bool(JOB_FILE_NAME.search(entrypoint)) is ok
 
 
+@pytest.mark.parametrize("kind", sorted(KUBERAY_KINDS))
+def test_kuberay_crd_fields(kind):
+    for path, d in kuberay(kind):
+        assert crd_problems(kind, d["spec"]) == [], _rel(path)
+
+
+def test_crd_check_can_fail():
+    [(_, svc)] = kuberay("RayService")
+    wrong = copy.deepcopy(svc["spec"])
+    wrong["rayClusterSpec"] = wrong.pop("rayClusterConfig")  # the name RayJob uses
+    assert crd_problems("RayService", wrong) == [
+        "RayService.spec.rayClusterSpec: not a field of the RayService CRD",
+        "RayService.spec.rayClusterConfig: required (the cluster to run on)",
+        "RayService: cluster spec lacks headGroupSpec", "RayService: headGroupSpec lacks template"]
+    [(_, job)] = kuberay("RayJob")
+    no_template = copy.deepcopy(job["spec"])
+    del no_template["rayClusterSpec"]["workerGroupSpecs"][0]["template"]
+    assert crd_problems("RayJob", no_template) == ["RayJob: worker group lacks template"]
+
+
+def test_ray_token_auth_on_every_cluster():
+    for label, spec in cluster_specs():
+        assert spec.get("authOptions", {}).get("mode") == "token", label
+
+
+def _ray_containers(kind: str) -> list[dict]:
+    out = []
+    for _, d in kuberay(kind):
+        cluster = d["spec"] if kind == "RayCluster" else d["spec"][CLUSTER_FIELD[kind]]
+        for t in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
+            out += t["spec"]["containers"]
+    return out
+
+
+def test_rayservice_token_from_secret_and_proxy_guard():
+    from blockskip_ray.http_guard import PROXY_CALLBACK, PROXY_CALLBACK_ENV, TOKEN_ENV
+
+    secrets = {(d["metadata"]["name"], k) for _, d in k8s_docs() if d["kind"] == "Secret"
+               for k in d.get("stringData", {})}
+    for c in _ray_containers("RayService"):  # every node runs a Serve proxy (proxy_location: EveryNode)
+        env = {e["name"]: e for e in c["env"]}
+        ref = env[TOKEN_ENV]["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"]) in secrets and not ref.get("optional"), ref
+        assert env[PROXY_CALLBACK_ENV]["value"] == PROXY_CALLBACK
+
+
+def test_head_dashboard_port_limited_to_namespace():
+    policies = [d for _, d in k8s_docs() if d["kind"] == "NetworkPolicy"]
+    heads = [t["metadata"]["labels"] for label, spec in cluster_specs()
+             for t in [spec["headGroupSpec"]["template"]]]
+    for labels in heads:
+        mine = [p for p in policies if p["metadata"]["namespace"] == "blockskip"
+                and p["spec"]["podSelector"]["matchLabels"].items() <= labels.items()]
+        assert mine, f"no NetworkPolicy selects head pods {labels}"
+        for p in mine:
+            assert "Ingress" in p["spec"]["policyTypes"]
+            for rule in p["spec"]["ingress"]:
+                ports = {x["port"] for x in rule.get("ports", [])}
+                if "from" not in rule:  # open to all: only the Serve HTTP port
+                    assert ports == {8000}, rule
+                for peer in rule.get("from", []):
+                    if "namespaceSelector" in peer:  # another namespace: the operator, on the dashboard only
+                        assert ports == {8265} and peer["namespaceSelector"]["matchLabels"], rule
+                    else:
+                        assert "ipBlock" not in peer, rule
+
+
 def test_rayservice():
     [(path, svc)] = kuberay("RayService")
     spec = svc["spec"]
-    assert "rayClusterSpec" in spec
+    assert "rayClusterConfig" in spec and "rayClusterSpec" not in spec
     assert isinstance(spec["serveConfigV2"], str), "serveConfigV2 is a YAML string"
     serve = yaml.safe_load(spec["serveConfigV2"])
     apps = serve["applications"]
@@ -371,6 +475,8 @@ def test_rayservice():
         assert app["route_prefix"] == "/"
         assert {"model", "store"} <= app["args"].keys()
         assert app["args"]["store"].startswith("s3://")
+        assert app["args"]["model"].startswith("s3://"), "the model comes from the store, not a hub id or volume"
+    assert serve["http_options"]["keep_alive_timeout_s"] <= 10
     # Serve's HTTP port must be the one KubeRay's serve Service targets.
     assert serve.get("http_options", {}).get("port", 8000) == 8000
 
