@@ -51,4 +51,8 @@ def run(args: argparse.Namespace) -> int:
     if lines:
         print("training:")
         print("\n".join(lines))
+    from ..store.lease import describe_driver
+    driver = describe_driver(status.store, args.job_id)  # finished / exited: SIGTERM / died without closing
+    if driver:
+        print(driver)
     return 0

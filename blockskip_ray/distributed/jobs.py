@@ -9,16 +9,19 @@ alone, the others run again and Ray Train hands them their last persisted checkp
 """
 from __future__ import annotations
 
+import signal
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..method.catalog import Subject, load_catalog
 from ..store import ADAPTER_FILE, JobStatus, Store, validate_id
+from ..store.lease import DEFAULT_TTL_S, Lease, write_driver_record
 from ..store.status import STATES, utc_now
 from .jobspec import JobSpec, check_model
 
@@ -112,7 +115,7 @@ def error_key(row: int, raw_id: str | None, taken: set[str]) -> str:
 def validate_catalog(job: JobSpec, status: JobStatus, catalog_path: str, log: Log = _stderr
                      ) -> tuple[list[Subject], dict[str, str]]:
     """load_catalog + record every bad row as failed (stage validate). --strict refuses the job first."""
-    valid, errors = load_catalog(catalog_path)
+    valid, errors = load_catalog(catalog_path, job.max_image_pixels)
     if errors and job.strict:
         lines = "; ".join(f"row {r} ({i!r}): {why}" for r, i, why in errors[:10])
         raise ValueError(f"catalog {catalog_path}: {len(errors)} invalid row(s) and strict=true: {lines}")
@@ -184,8 +187,10 @@ def precompute_stage(job: JobSpec, store: Store, model_dir: str, subjects: list[
     t = job.train
     cfg = PrecomputeConfig(model=model_dir, skip=tuple(skip), mode=t.mode, steps=t.steps, resolution=t.resolution,
                            s_max=t.s_max, seed=t.seed, max_text_tokens=t.max_text_tokens, guidance=t.guidance,
-                           **opts)
-    results = run_precompute(store, subjects, cfg, log=lambda m: log(f"[{job.job_id}] precompute: {m}"))
+                           max_image_pixels=job.max_image_pixels, **opts)
+    results = run_precompute(store, subjects, cfg, overwrite=job.overwrite,
+                             overwrite_hint="set overwrite: true in the job (or the override overwrite=true)",
+                             log=lambda m: log(f"[{job.job_id}] precompute: {m}"))
     return {sid: str(r.get("error") or "precompute failed") for sid, r in results.items() if r["state"] == "failed"}
 
 
@@ -196,9 +201,12 @@ class Progress:
     def __init__(self, job_id: str, status: JobStatus, log: Log):
         self.job_id, self.status, self.log = job_id, status, log
         self.lock = threading.Lock()
+        self.frozen = False  # set when the driver is leaving: its own close_running has the last word
 
     def set(self, sid: str, **fields: Any) -> None:
         with self.lock:
+            if self.frozen:
+                return
             row = self.status.update(sid, **fields)
             counts = {s: 0 for s in STATES}
             for r in self.status.read():
@@ -209,45 +217,139 @@ class Progress:
 
 
 def init_ray(job: JobSpec, log: Log = _stderr) -> None:
-    """ray.address: "auto" joins the running cluster, else starts a local one; "local" always starts a private
-    local Ray (the demo: never someone else's cluster on a shared machine); anything else is a cluster address."""
+    """ray.address: "auto" joins the recorded cluster when it is alive, else starts a local one (a dead recorded
+    cluster is detected in seconds: distributed/ray_address.py); "local" always starts a private local Ray (the
+    demo: never someone else's cluster on a shared machine); anything else is a cluster address, which must be
+    reachable (else a one-line ValueError)."""
     import ray
+
+    from . import ray_address
     if ray.is_initialized():
         return
-    address = job.ray.address
-    if address and address != "local":
-        try:
-            ray.init(address=address, log_to_driver=True)
-            log(f"[{job.job_id}] joined the Ray cluster ({ray.cluster_resources().get('CPU', 0):.0f} CPUs, "
-                f"{ray.cluster_resources().get('GPU', 0):.0f} GPUs)")
-            return
-        except ConnectionError:
-            if address != "auto":
-                raise
-    ray.init(address="local", num_cpus=job.ray.num_cpus, include_dashboard=False)
-    log(f"[{job.job_id}] started a local Ray ({ray.cluster_resources().get('CPU')} CPUs)")
+    ray_address.init(job.ray.address, job.ray.num_cpus, log=lambda m: log(f"[{job.job_id}] {m}"),
+                     local_kwargs={"include_dashboard": False}, log_to_driver=True)
 
 
-def run_job(job: JobSpec, log: Log = _stderr) -> JobResult:
-    from .training import failure_reason, fit_subject, subject_train_spec
+class DriverExit(SystemExit):
+    """SIGTERM (or SIGHUP) reached the driver: unwinds like sys.exit(128 + signum), so the job closes its rows."""
 
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signame = signal.Signals(signum).name
+
+
+@contextmanager
+def _exit_signals() -> Iterator[None]:
+    """In the main thread, turn SIGTERM/SIGHUP into DriverExit (Python's default ends the process at once,
+    without `finally`); SIGINT already raises KeyboardInterrupt. Elsewhere (a thread) nothing is installed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise DriverExit(signum)
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def exit_reason(exc: BaseException, lost: str | None = None) -> tuple[str, str]:
+    """(driver state, job-level reason) for a driver that ends by this exception."""
+    if lost:
+        return "exited", f"driver exited: {lost}"
+    if isinstance(exc, DriverExit):
+        return "exited", f"driver exited: {exc.signame}"
+    if isinstance(exc, KeyboardInterrupt):
+        return "exited", "driver exited: SIGINT (Ctrl-C)"
+    if isinstance(exc, SystemExit):
+        return "exited", f"driver exited: exit code {exc.code}"
+    text = str(exc).strip().splitlines()
+    return "failed", f"driver failed: {type(exc).__name__}: {text[0][:300] if text else ''}".rstrip(": ")
+
+
+def close_running(status: JobStatus, reason: str, log: Log = _stderr) -> list[str]:
+    """Every row still `running` becomes `failed` with the job-level reason; returns their subject ids."""
+    rows = [r for r in status.read() if r["state"] == "running"]
+    now = utc_now()
+    if rows:
+        status.set_many([{"subject_id": r["subject_id"], "state": "failed", "error": reason, "finished_at": now}
+                         for r in rows])
+        log(f"[{status.job_id}] {len(rows)} running subject(s) closed as failed: {reason}")
+    return [r["subject_id"] for r in rows]
+
+
+def run_job(job: JobSpec, log: Log = _stderr, lease_ttl_s: float = DEFAULT_TTL_S) -> JobResult:
+    """The whole job, as the single driver of its job id (store/lease.py). However the driver ends (success,
+    exception, SIGTERM/SIGHUP, Ctrl-C), rows left `running` are closed with the job-level reason, the driver's
+    final state goes to jobs/{job_id}/driver.json and the lease is released."""
     t0 = time.perf_counter()
     store = Store.open(job.store)
     status = JobStatus(store, job.job_id)
     result = JobResult(job.job_id)
     model_dir = result.model_dir = resolve_model(job, log)
-    explicit = check_model(job, model_dir)  # before Ray, selection or any status row
+    explicit = check_model(job, model_dir)  # before Ray, selection, the lease or any status row
+    lease = Lease(store, job.job_id, ttl_s=lease_ttl_s,
+                  on_lost=lambda why: log(f"[{job.job_id}] ERROR: {why}; this driver stops at its next step"))
+    lease.acquire()
+    started = time.time()
+    progress = Progress(job.job_id, status, log)
+    state, reason = "failed", None
+    try:
+        write_driver_record(store, job.job_id, "running", started_at=started)
+        with _exit_signals():
+            _run_stages(job, store, status, result, model_dir, explicit, progress, lease, log)
+        state = "finished"
+    except BaseException as e:
+        state, reason = exit_reason(e, lease.lost)
+        progress.frozen = True  # subject threads still unwinding must not reopen a row
+        try:
+            close_running(status, reason, log)
+        except Exception as close_error:  # noqa: BLE001 - keep the original exception; say what is left
+            log(f"[{job.job_id}] could not close the running rows ({close_error}); `blockskip status` shows "
+                f"the driver as ended")
+        raise
+    finally:
+        try:
+            write_driver_record(store, job.job_id, state, reason, started_at=started)
+        finally:
+            lease.release()
+    result.wall_s = time.perf_counter() - t0
+    return result
+
+
+def _shutdown_subjects(pool: ThreadPoolExecutor) -> None:
+    """The driver is leaving: queued subjects never start, running Ray Train runs end with Ray (their threads
+    would otherwise keep the process alive until training finished)."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    try:
+        import ray
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _run_stages(job: JobSpec, store: Store, status: JobStatus, result: JobResult, model_dir: str,
+                explicit: tuple[int, int] | None, progress: "Progress", lease: Lease, log: Log) -> None:
+    from .training import failure_reason, fit_subject, subject_train_spec
+
+    def check_lease() -> None:
+        if lease.lost:
+            raise RuntimeError(lease.lost)
+
     if job.catalog is None:  # a selection-only job
         init_ray(job, log)
         lookup = selection_lookup(job, store, model_dir, log)
         for ratio in job.selection.skip_ratios:
             log(f"[{job.job_id}] skip ratio {ratio}: split {lookup(ratio) if lookup else 'n/a (no table)'}")
-        result.wall_s = time.perf_counter() - t0
-        return result
+        return
     subjects, result.failed = validate_catalog(job, status, resolve_catalog(job, log), log)
     result.prompts = {s.id: s.prompt for s in subjects}
     previous = {r["subject_id"]: r for r in status.read()}
-    progress = Progress(job.job_id, status, log)
     todo: list[Subject] = []
     for s in subjects:
         has_adapter = store.exists(f"subjects/{s.id}/adapter/{ADAPTER_FILE}")
@@ -272,6 +374,7 @@ def run_job(job: JobSpec, log: Log = _stderr) -> JobResult:
         else:
             lookup = selection_lookup(job, store, model_dir, log)
         skip = resolve_skip_plan(job, model_dir, lookup, log)
+        check_lease()
         now = utc_now()
         status.set_many([{"subject_id": s.id, "stage": "precompute", "state": "running", "error": None,
                           "started_at": now, "finished_at": None} for s in todo])
@@ -283,6 +386,7 @@ def run_job(job: JobSpec, log: Log = _stderr) -> JobResult:
         todo = [s for s in todo if s.id not in bad]
 
         def one(s: Subject) -> None:
+            check_lease()
             prev = status.read()
             attempts = next((r["attempts"] for r in prev if r["subject_id"] == s.id), 0) + 1
             progress.set(s.id, stage="train", state="running", error=None, attempts=attempts, finished_at=None)
@@ -298,15 +402,18 @@ def run_job(job: JobSpec, log: Log = _stderr) -> JobResult:
             result.succeeded.append(s.id)
             result.metrics[s.id] = metrics
 
-        with ThreadPoolExecutor(max_workers=job.ray.concurrency, thread_name_prefix="subject") as pool:
+        pool = ThreadPoolExecutor(max_workers=job.ray.concurrency, thread_name_prefix="subject")
+        try:
             list(pool.map(one, todo))
+        except BaseException:
+            _shutdown_subjects(pool)
+            raise
+        pool.shutdown(wait=True)
     for sid in result.skipped:
         try:
             result.metrics[sid] = store.read_json(f"subjects/{sid}/metrics.json")
         except FileNotFoundError:
             pass
-    result.wall_s = time.perf_counter() - t0
-    return result
 
 
 def run_and_serve(job: JobSpec, served_dir: str | None, report: Log = print, log: Log = _stderr
@@ -352,5 +459,5 @@ def summary(result: JobResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["run_job", "JobResult", "summary", "validate_catalog", "resolve_model", "resolve_catalog",
+__all__ = ["run_job", "JobResult", "summary", "close_running", "exit_reason", "DriverExit", "validate_catalog", "resolve_model", "resolve_catalog",
            "selection_lookup", "init_ray", "error_key"]

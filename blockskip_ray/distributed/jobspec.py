@@ -46,6 +46,7 @@ class TrainSection:
     seed: NonNeg = 0
     max_text_tokens: Pos = 512
     checkpoint_every: NonNeg = 50
+    keep_checkpoints: Pos = 2  # checkpoints kept per subject (older ones deleted); >= 2 allows a fallback
     rank: Pos = 16
     alpha: Optional[PosFloat] = None  # LoRA scale alpha/rank; None: alpha = rank
     lora_targets: Literal["attn", "attn+ff"] = "attn"  # method/lora.TARGET_CHOICES (a test keeps them equal)
@@ -110,6 +111,7 @@ class JobSpec:
     work_dir: StrictStr = "blockskip-work"  # local scratch: built tiny model, synthetic catalog
     strict: StrictBool = False  # refuse the whole job when any catalog row is invalid
     overwrite: StrictBool = False  # retrain subjects that already have an adapter in the store from another job
+    max_image_pixels: Pos = 4096 * 4096  # per-image pixel budget (header check before decoding; method/images.py)
     train: TrainSection = field(default_factory=TrainSection)
     samples: SampleSection = field(default_factory=SampleSection)
     ray: RaySection = field(default_factory=RaySection)

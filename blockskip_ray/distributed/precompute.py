@@ -32,6 +32,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..method.catalog import Subject, open_images, subject_from_json
+from ..method.images import DEFAULT_MAX_PIXELS
+from ..store.features import committed_damage, invalidate_features
 from ..method.modes import get_mode
 from ..method.sampling import PlanConfig, build_plan
 from ..method.stored import make_meta, model_key, stored_meta, write_features
@@ -56,6 +58,7 @@ class PrecomputeConfig:
     batch_size: int = 4
     shard_max_bytes: int = 256 * 2**20
     endpoint_url: str | None = None  # for s3:// image URIs
+    max_image_pixels: int | None = DEFAULT_MAX_PIXELS  # per-image pixel budget, checked from the header
 
     @property
     def compute_dtype(self) -> str:
@@ -82,7 +85,7 @@ class FeatureActor:
         sid = row["subject_id"]
         if self._subject is None or self._subject[0] != sid:  # rows come grouped by subject: cache one
             subject = subject_from_json(json.loads(row["subject_json"]))
-            images = open_images(subject, self.cfg.endpoint_url)
+            images = open_images(subject, self.cfg.endpoint_url, self.cfg.max_image_pixels)
             self._subject = (sid, images, self.fc.text(subject.prompt))
         return self._subject[1], self._subject[2]
 
@@ -108,7 +111,7 @@ def subject_meta(cfg: PrecomputeConfig, subject: Subject, key: str) -> dict[str,
 def subject_plan(cfg: PrecomputeConfig, subject: Subject) -> list[dict]:
     """The plan exactly as `blockskip train` builds it (same PlanConfig, same pixel multiple)."""
     multiple = pixel_multiple(cfg.model)  # also validates the model directory
-    sizes = [im.size for im in open_images(subject, cfg.endpoint_url)]
+    sizes = [im.size for im in open_images(subject, cfg.endpoint_url, cfg.max_image_pixels)]
     return build_plan(subject.id, sizes, PlanConfig(steps=cfg.steps, s_min=cfg.resolution, s_max=cfg.s_max,
                                                     sampling=get_mode(cfg.mode).sampling, seed=cfg.seed), multiple)
 
@@ -118,13 +121,17 @@ def _decode(b: bytes) -> dict[str, torch.Tensor]:
 
 
 def run_precompute(store: Store, subjects: list[Subject], cfg: PrecomputeConfig, *, overwrite: bool = False,
-                   on_step: Callable[[str, int], None] | None = None,
+                   overwrite_hint: str = "pass --overwrite", on_step: Callable[[str, int], None] | None = None,
                    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict[str, dict]:
     """Precompute and commit every subject's features; returns {subject_id: {"state", ...}}.
 
     state: "skipped" (already committed for this configuration), "succeeded", or "failed" (with "error": bad
     images or plan; such subjects never reach the actors). `on_step(subject_id, step)` is called before each
-    step is written (a test hook: raising there simulates a crash part-way through a subject)."""
+    step is written (a test hook: raising there simulates a crash part-way through a subject).
+
+    A committed set whose marker or index is damaged fails its subject only, naming the object, and is
+    invalidated so the next run rebuilds it (with `overwrite` it is rebuilt in this run). `overwrite_hint` is
+    how the caller's user asks for overwrite (`blockskip precompute --overwrite`, a job's `overwrite=true`)."""
     get_mode(cfg.mode)
     key = model_key(cfg.model)
     results: dict[str, dict] = {}
@@ -133,6 +140,15 @@ def run_precompute(store: Store, subjects: list[Subject], cfg: PrecomputeConfig,
     metas: dict[str, dict] = {}
     for s in subjects:
         meta = subject_meta(cfg, s, key)
+        damage = committed_damage(store, s.id)
+        if damage is not None:
+            invalidate_features(store, s.id)  # never trusted again; the set is rebuilt from scratch
+            if not overwrite:
+                why = f"{damage}; the feature set was invalidated and the next run rebuilds it"
+                results[s.id] = {"state": "failed", "error": why}
+                log(f"precompute {s.id}: failed: {why}")
+                continue
+            log(f"precompute {s.id}: {damage}; rebuilding it (overwrite)")
         old = stored_meta(store, s.id)
         if old is not None and old == meta:
             results[s.id] = {"state": "skipped", "reason": "features already committed for this configuration"}
@@ -141,7 +157,7 @@ def run_precompute(store: Store, subjects: list[Subject], cfg: PrecomputeConfig,
         if old is not None and not overwrite:
             diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
             raise ValueError(f"subject {s.id}: committed features in {store.uri} were computed for another "
-                             f"configuration (differs in {', '.join(diff)}); pass --overwrite to recompute them")
+                             f"configuration (differs in {', '.join(diff)}); {overwrite_hint} to recompute them")
         try:
             plan = subject_plan(cfg, s)
         except (ValueError, FileNotFoundError) as e:

@@ -52,17 +52,10 @@ class ProbeConfig:
 def ensure_ray(num_cpus: int | None = None, log: Callable[[str], None] = print, address: str = "auto") -> None:
     """Join the running cluster (`address`, default 'auto'), or start a local Ray when there is none.
     address='local' always starts a fresh local Ray (e.g. on a shared machine with someone else's Ray)."""
+    from .ray_address import init
     if ray.is_initialized():
         return
-    try:
-        if address == "local":
-            raise ConnectionError("a local Ray was asked for")
-        ray.init(address=address, log_to_driver=False)
-        log(f"joined the running Ray cluster ({ray.cluster_resources().get('CPU', 0):.0f} CPUs, "
-            f"{ray.cluster_resources().get('GPU', 0):.0f} GPUs)")
-    except (ConnectionError, RuntimeError, ValueError):
-        ray.init(address="local", num_cpus=num_cpus, log_to_driver=False)  # never someone else's Ray
-        log(f"no Ray cluster found: started a local Ray with {ray.cluster_resources().get('CPU', 0):.0f} CPUs")
+    init(address, num_cpus, log=log, log_to_driver=False)  # a dead recorded cluster: a local Ray, in seconds
 
 
 def _worker(model: str, dino: str, device: str) -> ProbeWorker:

@@ -61,7 +61,7 @@ def build_entrypoint(job_yaml: Path, working_dir: Path, store: str | None, overr
 
 
 def submit(job_yaml: str | Path, address: str, store: str | None = None, overrides: list[str] | None = None,
-           working_dir: str | Path | None = None, python: str = "python", agent_wait_s: float = 60
+           working_dir: str | Path | None = None, python: str = "python", agent_wait_s: float = 600
            ) -> tuple[str, str]:
     """Validate, upload, submit; returns (submission_id, entrypoint)."""
     overrides = list(overrides or [])
@@ -81,7 +81,8 @@ def submit(job_yaml: str | Path, address: str, store: str | None = None, overrid
             )
             return sid, entrypoint
         except RuntimeError as e:
-            # A head that just started answers 500 until its job agent is up: wait for it, up to agent_wait_s.
+            # A head that just started answers 500 until its job agent is up: wait for it, up to agent_wait_s
+            # (a deadline, left as soon as the agent answers; a loaded machine can take minutes).
             if "No available agent" not in str(e) or time.monotonic() > deadline:
                 raise
             time.sleep(2)

@@ -27,12 +27,14 @@ from typing import Any
 
 import ray
 import ray.train
-from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from ..method.personalize import TrainSpec, pick_device, prepare, sample_images, write_outputs
 from ..method.trainer import OptimConfig
 from ..store import Store, put_adapter
+from ..store.s3conf import take_failed_uploads
+from .checkpoints import check_persisted, load_verified, prune, write_manifest
 from .jobspec import JobSpec
 
 # Fault hook for tests and drills: BLOCKSKIP_FAULT="SUBJECT:STEP[:exit|raise]" kills (os._exit) or fails the
@@ -75,7 +77,8 @@ def subject_train_spec(job: JobSpec, model_dir: str, subject_id: str, prompt: st
                      skip=skip, skip_ratio=None if skip is not None else t.skip_ratio, mode=t.mode, steps=t.steps,
                      resolution=t.resolution, s_max=t.s_max, seed=t.seed, max_text_tokens=t.max_text_tokens,
                      checkpoint_every=t.checkpoint_every, num_samples=job.samples.num,
-                     sample_steps=job.samples.steps, sample_size=job.samples.size, device="auto", optim=optim)
+                     sample_steps=job.samples.steps, sample_size=job.samples.size, device="auto", optim=optim,
+                     max_image_pixels=job.max_image_pixels)
 
 
 def _materialize_images(images: Any, dest: Path) -> str:
@@ -101,11 +104,27 @@ def _features(spec: TrainSpec, store: Store, images, plan, skip, device, start: 
     from ..store import is_committed
 
     if is_committed(store, spec.subject_id):
-        text, _, feats = read_features(store, spec.subject_id, expect=spec_meta(spec, skip))
-        return text, ((s, f) for s, f in feats if s >= start)
+        from ..store.features import FeatureDamage, invalidate_features
+        try:
+            text, _, feats = read_features(store, spec.subject_id, expect=spec_meta(spec, skip))
+        except FeatureDamage as e:
+            invalidate_features(store, spec.subject_id)
+            raise FeatureDamage(f"{e}; the feature set was invalidated and the next run rebuilds it") from None
+        return text, _damage_checked(store, spec.subject_id, ((s, f) for s, f in feats if s >= start))
     from ..method.personalize import precompute
     text, feats = precompute(spec, images, plan[start:], skip, device, progress=False)
     return text, iter(feats)
+
+
+def _damage_checked(store: Store, subject_id: str, feats):
+    """Pass the features through; a damaged committed set (checksum mismatch found while reading) is invalidated
+    so the next run's precompute rebuilds it instead of skipping it as committed, then the error goes on."""
+    from ..store.features import FeatureDamage, invalidate_features
+    try:
+        yield from feats
+    except FeatureDamage as e:
+        invalidate_features(store, subject_id)
+        raise FeatureDamage(f"{e}; the feature set was invalidated and the next run rebuilds it") from None
 
 
 def train_loop(cfg: dict[str, Any]) -> None:
@@ -148,10 +167,14 @@ def train_loop(cfg: dict[str, Any]) -> None:
             transformer, stack = load_kept_transformer(spec.model, skipped, device, dtype)
             trainer = SkipTrainer(transformer, stack, skip, get_mode(spec.mode), spec.optim, device)
             if ckpt is not None:
-                with ckpt.as_directory() as d:
-                    start = trainer.load_checkpoint(d)
-                    losses = json.loads((Path(d) / "losses.json").read_text())[:start]
-                    resumed = start
+                def load(d: str) -> int:
+                    nonlocal losses
+                    step = trainer.load_checkpoint(d)
+                    losses = json.loads((Path(d) / "losses.json").read_text())[:step]
+                    return step
+
+                # verified against its manifest; a damaged latest falls back to the newest earlier good one
+                start = resumed = load_verified(ckpt, load, log)
         except Exception as e:
             raise StageError("train", f"{type(e).__name__}: {e}") from e
         try:
@@ -183,8 +206,11 @@ def train_loop(cfg: dict[str, Any]) -> None:
                     with tempfile.TemporaryDirectory() as d:
                         trainer.save_checkpoint(d)
                         (Path(d) / "losses.json").write_text(json.dumps(losses))
+                        write_manifest(d, trainer.step_count)  # last: sha256 of every file, checked at resume
+                        take_failed_uploads()  # forget failures of earlier uploads in this process
                         ray.train.report({"step": trainer.step_count, "loss": losses[-1]},
                                          checkpoint=Checkpoint.from_directory(d))
+                        check_persisted(trainer.step_count)
         except Exception as e:
             raise StageError("train", f"{type(e).__name__}: {e}") from e
         elapsed = time.perf_counter() - t0 if t0 is not None else 0.0
@@ -263,7 +289,10 @@ def make_trainer(job: JobSpec, store: Store, subject_id: str, cfg: dict[str, Any
         scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=res),
         run_config=RunConfig(storage_path=store.fs_path(f"subjects/{subject_id}/checkpoints"),
                              storage_filesystem=store.filesystem, name=f"{job.job_id}-{subject_id}",
-                             failure_config=FailureConfig(max_failures=r.max_failures)),
+                             failure_config=FailureConfig(max_failures=r.max_failures),
+                             # the last N (train.keep_checkpoints) stay: the latest, and earlier ones that a
+                             # damaged latest falls back to; Ray deletes the older ones as new ones persist
+                             checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints)),
     )
 
 
@@ -274,6 +303,7 @@ def fit_subject(job: JobSpec, store: Store, subject_id: str, spec: TrainSpec, im
            "eval_prompts": eval_prompts if job.samples.eval else [], "fault": parse_fault(subject_id),
            "spec": {**asdict(spec), "optim": asdict(spec.optim)}}
     make_trainer(job, store, subject_id, cfg).fit()
+    prune(store, f"subjects/{subject_id}/checkpoints/{job.job_id}-{subject_id}", job.train.keep_checkpoints)
     return store.read_json(f"subjects/{subject_id}/metrics.json")
 
 

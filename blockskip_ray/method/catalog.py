@@ -22,7 +22,7 @@ from typing import Any
 from PIL import Image
 
 from ..store import Store, validate_id
-from .images import IMAGE_SUFFIXES, list_images, load_image, load_images
+from .images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, check_pixels, list_images, load_image, load_images
 
 COLUMNS = ("id", "images", "prompt", "class", "eval_prompts")
 
@@ -67,7 +67,7 @@ def _resolve(value: str, base: Path) -> str:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-def _parse(row: Any, base: Path) -> Subject:
+def _parse(row: Any, base: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Subject:
     if not isinstance(row, dict):
         raise ValueError(f"a row must be a JSON object, got {type(row).__name__}")
     unknown = sorted(set(row) - set(COLUMNS))
@@ -88,7 +88,8 @@ def _parse(row: Any, base: Path) -> Subject:
         if "://" in images and not images.startswith("file://"):
             raise ValueError("'images' as a string must be a local directory; give remote images as a list of URIs")
         images = _resolve(images.removeprefix("file://"), base)
-        list_images(images)  # exists, is a directory, holds images (FileNotFoundError / ValueError)
+        for p in list_images(images):  # exists, is a directory, holds images (FileNotFoundError / ValueError)
+            check_pixels(p, max_pixels)  # header only: size within the pixel budget
     elif isinstance(images, (list, tuple)) and images and all(isinstance(u, str) and u for u in images):
         images = tuple(_resolve(u, base) for u in images)
         for u in images:
@@ -96,6 +97,8 @@ def _parse(row: Any, base: Path) -> Subject:
                 raise ValueError(f"image {u!r} does not end in one of {IMAGE_SUFFIXES}")
             if "://" not in u and not Path(u).is_file():
                 raise FileNotFoundError(f"image {u} does not exist")
+            if "://" not in u:
+                check_pixels(Path(u), max_pixels)
             if "://" in u and not u.startswith("s3://"):
                 raise ValueError(f"unsupported image URI {u!r}: local paths or s3://bucket/key")
     else:
@@ -103,8 +106,10 @@ def _parse(row: Any, base: Path) -> Subject:
     return Subject(sid, images, prompt, cls, tuple(evals))
 
 
-def load_catalog(path: str | Path) -> tuple[list[Subject], list[tuple[int, str | None, str]]]:
-    """Parse and validate a catalog: (valid subjects in file order, [(row, id or None, reason)])."""
+def load_catalog(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS
+                 ) -> tuple[list[Subject], list[tuple[int, str | None, str]]]:
+    """Parse and validate a catalog: (valid subjects in file order, [(row, id or None, reason)]). Local images
+    are checked from their headers against the pixel budget ``max_pixels``."""
     path = Path(path)
     valid: list[Subject] = []
     errors: list[tuple[int, str | None, str]] = []
@@ -116,7 +121,7 @@ def load_catalog(path: str | Path) -> tuple[list[Subject], list[tuple[int, str |
             errors.append((num, None, row))
             continue
         try:
-            subject = _parse(row, path.parent)
+            subject = _parse(row, path.parent, max_pixels)
         except (ValueError, FileNotFoundError) as e:
             errors.append((num, raw_id, str(e)))
             continue
@@ -128,14 +133,15 @@ def load_catalog(path: str | Path) -> tuple[list[Subject], list[tuple[int, str |
     return valid, errors
 
 
-def open_images(subject: Subject, endpoint_url: str | None = None) -> list[Image.Image]:
+def open_images(subject: Subject, endpoint_url: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+                ) -> list[Image.Image]:
     """The subject's images, validated exactly like `blockskip train --images` (sorted dir, or list order)."""
     if isinstance(subject.images, str):
-        return load_images(subject.images)
+        return load_images(subject.images, max_pixels)
     out = []
     for uri in subject.images:
         if not uri.startswith("s3://"):
-            out.append(load_image(Path(uri)))
+            out.append(load_image(Path(uri), max_pixels))
             continue
         parent, name = uri.rsplit("/", 1)
         data = Store.open(parent, endpoint_url=endpoint_url).read_bytes(name)
@@ -143,7 +149,7 @@ def open_images(subject: Subject, endpoint_url: str | None = None) -> list[Image
         with tempfile.TemporaryDirectory() as tmp:
             p = Path(tmp) / name
             p.write_bytes(data)
-            out.append(load_image(p))
+            out.append(load_image(p, max_pixels))
     return out
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,10 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 # Modes with an unambiguous RGB conversion. 16-bit / float / CMYK images are refused rather than guessed at.
 SUPPORTED_MODES = ("RGB", "RGBA", "L", "LA", "P")
+# Pixel budget per image, checked from the header before decoding (PIL reads only the header on open). Far below
+# PIL's own bomb limit (~89.5 M pixels warns, 2x that raises): a 12000 x 12000 image under that limit still takes
+# ~1.35 GB each time it is decoded. Jobs set it with the `max_image_pixels` key.
+DEFAULT_MAX_PIXELS = 4096 * 4096
 
 
 def list_images(source: str | Path) -> list[Path]:
@@ -26,9 +31,27 @@ def list_images(source: str | Path) -> list[Path]:
     return files
 
 
-def load_image(path: Path) -> Image.Image:
+def check_pixels(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) from the image header; ValueError when it is over ``max_pixels`` (None: no budget)."""
     if path.stat().st_size == 0:
         raise ValueError(f"image {path} is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the budget below decides
+            with Image.open(path) as im:  # header only: nothing is decoded here
+                w, h = im.size
+    except Image.DecompressionBombError as e:  # over PIL's own limit, so over any budget we allow
+        raise ValueError(f"image {path} is over the pixel budget max_image_pixels={max_pixels} ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"image {path} is not a readable image ({e.__class__.__name__}: {e})") from None
+    if max_pixels is not None and w * h > max_pixels:
+        raise ValueError(f"image {path} is {w}x{h} = {w * h} pixels, over the pixel budget "
+                         f"max_image_pixels={max_pixels}")
+    return w, h
+
+
+def load_image(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    check_pixels(path, max_pixels)
     try:
         with Image.open(path) as im:
             im.load()
@@ -40,12 +63,15 @@ def load_image(path: Path) -> Image.Image:
                 bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
                 return Image.alpha_composite(bg, im).convert("RGB")
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"image {path} is not a readable image ({e.__class__.__name__}: {e})") from None
 
 
-def load_images(source: str | Path) -> list[Image.Image]:
-    return [load_image(p) for p in list_images(source)]
+def load_images(source: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[Image.Image]:
+    files = list_images(source)
+    for p in files:  # every header first: an over-budget image fails before anything is decoded
+        check_pixels(p, max_pixels)
+    return [load_image(p, max_pixels) for p in files]
 
 
 def crop_for_row(image: Image.Image, row: dict) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 from ..models.loading import generation_kwargs, load_kept_transformer, load_pipeline, model_family, pixel_multiple
 from .curves import PROGRESS_FILE, TrainingCurves, current_memory_bytes, file_sink, sample_grid
 from .features import FeatureComputer
-from .images import load_images
+from .images import DEFAULT_MAX_PIXELS, load_images
 from .modes import check_skip, default_split, get_mode
 from .sampling import PlanConfig, build_plan
 from .trainer import OptimConfig, SkipTrainer
@@ -48,6 +48,7 @@ class TrainSpec:
     sample_size: int | None = None
     device: str = "auto"
     optim: OptimConfig = field(default_factory=OptimConfig)
+    max_image_pixels: int | None = DEFAULT_MAX_PIXELS  # per-image pixel budget, checked from the header
 
 
 def num_blocks(model: str) -> int:
@@ -88,7 +89,7 @@ def pick_device(name: str) -> torch.device:
 def prepare(spec: TrainSpec, lookup=None, log: Callable[[str], None] = print):
     """Validate everything before any work or output: returns (family, images, plan, skip)."""
     family = model_family(spec.model)
-    images = load_images(spec.images)
+    images = load_images(spec.images, spec.max_image_pixels)
     skip = resolve_skip(spec, num_blocks(spec.model), lookup, log)
     mode = get_mode(spec.mode)
     multiple = pixel_multiple(spec.model)

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from ..store.features import FeatureDamage
 from ..store import FeatureReader, FeatureWriter, Store, delete_features, is_committed, parquet_from_bytes, validate_id
 
 TEXT_FILE = "text.safetensors"
@@ -137,9 +138,10 @@ def read_features(store: Store, subject_id: str, prefetch: int = 2, expect: dict
     text_bytes = store.read_bytes(f"subjects/{subject_id}/features/{TEXT_FILE}")
     plan_bytes = store.read_bytes(f"subjects/{subject_id}/plan.parquet")
     if hashlib.sha256(text_bytes).hexdigest() != extra.get("text_sha256"):
-        raise ValueError(f"{where}/{TEXT_FILE} does not match _COMMITTED (written by another run?)")
+        raise FeatureDamage(f"{where}/{TEXT_FILE} does not match _COMMITTED (written by another run?)")
     if hashlib.sha256(plan_bytes).hexdigest() != extra.get("plan_sha256"):
-        raise ValueError(f"plan.parquet of subject {subject_id} does not match its committed features")
+        raise FeatureDamage(f"{store.url(f'subjects/{subject_id}/plan.parquet')} does not match its committed "
+                            "features")
     text = st_load(text_bytes)
     plan = parquet_from_bytes(plan_bytes).to_pylist()
     if [r["step"] for r in plan] != reader.steps:

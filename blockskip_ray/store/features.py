@@ -22,6 +22,7 @@ Only safetensors and Parquet are parsed: nothing is ever unpickled.
 from __future__ import annotations
 
 import hashlib
+import json
 import queue
 import threading
 from collections import OrderedDict
@@ -37,7 +38,8 @@ from .ids import validate_id
 from .uri import Store, parquet_from_bytes
 
 __all__ = [
-    "FeatureWriter", "FeatureReader", "is_committed", "delete_features", "features_prefix",
+    "FeatureWriter", "FeatureReader", "is_committed", "delete_features", "features_prefix", "FeatureDamage",
+    "committed_damage", "invalidate_features",
     "quantize_fp8", "dequantize_fp8", "DTYPES", "FP8_MAX",
 ]
 
@@ -193,7 +195,7 @@ class _Shard:
         try:
             self.tensors = st_load(data)
         except Exception as e:  # corrupt header / truncated file
-            raise ValueError(f"feature shard {name} is corrupt: {e}") from e
+            raise FeatureDamage(f"feature shard {name} is corrupt: {e}") from e
         self.verified: set[int] = set()
 
 
@@ -205,14 +207,15 @@ class FeatureReader:
         self.store = store
         self.prefix = features_prefix(subject_id)
         try:
-            self.meta: dict[str, Any] = store.read_json(f"{self.prefix}/{COMMIT_FILE}")
+            self.meta: dict[str, Any] = _read_marker(store, self.prefix)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"features not committed for subject {subject_id!r} at {store.url(self.prefix)} "
                 f"(no {COMMIT_FILE}; a partial set is never read)") from None
         index_bytes = store.read_bytes(f"{self.prefix}/{INDEX_FILE}")
         if hashlib.sha256(index_bytes).hexdigest() != self.meta.get("index_sha256"):
-            raise ValueError(f"feature index {store.url(self.prefix)}/{INDEX_FILE} does not match {COMMIT_FILE}")
+            raise FeatureDamage(f"feature index {store.url(self.prefix)}/{INDEX_FILE} does not match "
+                                f"{COMMIT_FILE}")
         rows = parquet_from_bytes(index_bytes).to_pylist()
         self._rows: dict[int, list[dict[str, Any]]] = {}
         for r in rows:
@@ -266,8 +269,9 @@ class FeatureReader:
                     rng = offsets.get(f"{step:06d}/{k}")
                     got = hashlib.sha256(sh.data[rng[0]:rng[1]]).hexdigest() if rng else None
                     if got != want:
-                        raise ValueError(f"checksum mismatch in feature shard {sh.name} at step {step} "
-                                         f"(tensor {k!r}, subject {self.subject_id!r})")
+                        raise FeatureDamage(f"checksum mismatch in feature shard "
+                                            f"{self.store.url(f'{self.prefix}/{sh.name}')} at step {step} "
+                                            f"(tensor {k!r}, subject {self.subject_id!r})")
             sh.verified.add(step)
         out: dict[str, torch.Tensor] = {}
         for r in rows:
@@ -280,7 +284,7 @@ class FeatureReader:
             else:
                 out[r["key"]] = t.clone()  # callers may mutate; the cache must not change
             if list(out[r["key"]].shape) != list(r["shape"]):
-                raise ValueError(f"shape mismatch in feature shard {sh.name} at step {step} tensor {r['key']!r}")
+                raise FeatureDamage(f"shape mismatch in feature shard {sh.name} at step {step} tensor {r['key']!r}")
         return out
 
     def get(self, step: int) -> dict[str, torch.Tensor]:
@@ -356,11 +360,49 @@ def is_committed(store: Store, subject_id: str) -> bool:
     a set that lost a shard must count as absent so that precompute rewrites it instead of skipping it."""
     prefix = features_prefix(subject_id)  # validates before touching the store
     try:
-        marker = store.read_json(f"{prefix}/{COMMIT_FILE}")
-    except FileNotFoundError:
+        marker = _read_marker(store, prefix)
+    except (FileNotFoundError, FeatureDamage):  # a damaged marker vouches for nothing (see committed_damage)
         return False
     present = set(store.list(prefix))
     return all(f"{prefix}/{name}" in present for name in [*marker.get("shards", []), INDEX_FILE])
+
+
+class FeatureDamage(ValueError):
+    """A committed feature set (or its marker) is damaged: a checksum, the index or the marker itself is wrong."""
+
+
+def _read_marker(store: Store, prefix: str) -> dict[str, Any]:
+    """The parsed _COMMITTED marker; FeatureDamage naming the object when it is not a valid marker."""
+    key = f"{prefix}/{COMMIT_FILE}"
+    data = store.read_bytes(key)
+    try:
+        marker = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FeatureDamage(f"corrupt commit marker {store.url(key)} ({type(e).__name__}: {e})") from None
+    if not isinstance(marker, dict) or not isinstance(marker.get("shards"), list) or "index_sha256" not in marker:
+        raise FeatureDamage(f"corrupt commit marker {store.url(key)} (not a feature-set marker)")
+    return marker
+
+
+def committed_damage(store: Store, subject_id: str) -> str | None:
+    """Why the subject's committed set cannot be trusted (naming the object), or None when it has no marker or
+    the marker and index check out. Cheap (marker + index only); shard checksums are verified when read."""
+    prefix = features_prefix(subject_id)
+    try:
+        marker = _read_marker(store, prefix)
+        index_bytes = store.read_bytes(f"{prefix}/{INDEX_FILE}")
+    except FileNotFoundError:
+        return None  # no marker (nothing committed) or a missing index (is_committed says absent: rebuilt)
+    except FeatureDamage as e:
+        return str(e)
+    if hashlib.sha256(index_bytes).hexdigest() != marker["index_sha256"]:
+        return f"feature index {store.url(f'{prefix}/{INDEX_FILE}')} does not match its commit marker"
+    return None
+
+
+def invalidate_features(store: Store, subject_id: str) -> None:
+    """Drop the marker of a damaged set: readers stop trusting it and the next precompute rebuilds it."""
+    store.delete(f"{features_prefix(subject_id)}/{COMMIT_FILE}")
 
 
 def delete_features(store: Store, subject_id: str) -> None:

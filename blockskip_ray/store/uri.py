@@ -8,15 +8,16 @@ and S3 stores behave the same from the caller's point of view:
 * writes are atomic (local: temp file + ``os.replace``; S3: one PUT or a
   completed multipart upload), so a reader never sees a partial object;
 * a missing key raises :class:`FileNotFoundError` naming the key;
-* every S3 call is retried with exponential backoff and full jitter on
-  transient errors (5xx, throttling, timeouts, dropped connections); permanent
-  errors (404, 403, ...) raise at once.
+* every S3 call is retried on transient errors (5xx, throttling, timeouts,
+  dropped connections) by the S3 client itself, per one :class:`RetryPolicy`
+  (store/retry.py: a time budget mapped onto pyarrow's and botocore's retry
+  settings); permanent errors (404, 403, ...) raise at once, naming the key.
 
-S3 I/O goes through ``pyarrow.fs.S3FileSystem`` (what Ray Data uses too, see
-:attr:`Store.filesystem`); boto3 resolves credentials (so profiles, SSO and
-env credentials all work) and deletes prefixes in bulk, which pyarrow does
-without leaving directory-marker objects behind only via the raw API.
-Credentials never appear in ``repr``, logs or exception messages.
+S3 I/O goes through pyarrow's S3 filesystem (what Ray Data and Ray Train use
+too, see :attr:`Store.filesystem`) behind :class:`~.s3conf.S3Handler`, which
+follows boto3's refreshing credential chain and writes no directory markers;
+boto3 does tagged writes and deletes. Credentials never appear in ``repr``,
+logs, exception messages or pickles.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import logging
 import os
 import re
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 from urllib.parse import urlparse
@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .s3conf import make_boto_client, resolve_s3_settings
+from .s3conf import S3Handler, S3Settings, content_type
 from .retry import DENIED_RE, NOT_FOUND_RE, RetryPolicy, is_transient_error
 
 __all__ = ["Store", "RetryPolicy", "is_transient_error", "parquet_from_bytes"]
@@ -63,18 +63,16 @@ class Store:
         local_root: Path | None = None,
         bucket: str | None = None,
         prefix: str = "",
-        retry: RetryPolicy = RetryPolicy(),
-        boto_kwargs: dict[str, Any] | None = None,
+        retry: RetryPolicy | None = None,
+        handler: S3Handler | None = None,
     ) -> None:
         self._uri = uri
         self._fs = fs
         self._local_root = local_root
         self._bucket = bucket
         self._prefix = prefix.strip("/")
-        self.retry = retry
-        # Holds credentials: never logged, never in repr (see __repr__).
-        self._boto_kwargs = boto_kwargs or {}
-        self._boto_client: Any = None
+        self.retry = retry or RetryPolicy()
+        self._handler = handler  # S3 only: boto3 client + refreshing pyarrow fs (no secrets in its state)
 
     # ------------------------------------------------------------------ open
     @classmethod
@@ -85,8 +83,8 @@ class Store:
         endpoint_url: str | None = None,
         region: str | None = None,
         profile: str | None = None,
-        retry_attempts: int = 5,
-        retry_base_delay: float = 0.2,
+        retry: RetryPolicy | None = None,
+        retry_attempts: int | None = None,
         connect_timeout: float | None = None,
         request_timeout: float | None = None,
     ) -> "Store":
@@ -95,11 +93,14 @@ class Store:
         For S3 the endpoint comes from ``endpoint_url`` or AWS_ENDPOINT_URL_S3 /
         AWS_ENDPOINT_URL; the region from ``region`` or AWS_REGION /
         AWS_DEFAULT_REGION / the profile; credentials from the boto3 chain
-        (``profile`` or AWS_PROFILE, env, config files, instance metadata).
+        (``profile`` or AWS_PROFILE, env, config files, instance metadata), refreshed when they expire.
+        ``retry`` (default: :meth:`RetryPolicy.from_env`) sets the S3 retry budget; ``retry_attempts`` pins
+        the attempt count of every S3 call instead.
         """
-        if retry_attempts < 1:
-            raise ValueError("retry_attempts must be >= 1")
-        retry = RetryPolicy(attempts=retry_attempts, base_delay=retry_base_delay)
+        if retry is None:
+            retry = RetryPolicy.from_env(max_attempts=retry_attempts)
+        elif retry_attempts is not None:
+            raise ValueError("give retry or retry_attempts, not both")
         if uri.startswith("s3://"):
             return cls._open_s3(
                 uri, endpoint_url=endpoint_url, region=region, profile=profile, retry=retry,
@@ -120,12 +121,12 @@ class Store:
         bucket, prefix = p.netloc, p.path.strip("/")
         if not bucket:
             raise ValueError(f"S3 URI has no bucket: {uri!r}")
-        fs_kwargs, boto_kwargs = resolve_s3_settings(
-            endpoint_url=endpoint_url, region=region, profile=profile,
-            connect_timeout=connect_timeout, request_timeout=request_timeout)
-        fs = pafs.S3FileSystem(**fs_kwargs)
+        settings = S3Settings.resolve(endpoint_url=endpoint_url, region=region, profile=profile,
+                                      connect_timeout=connect_timeout, request_timeout=request_timeout, retry=retry)
+        handler = S3Handler(settings)
         root = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
-        return cls(uri=root, fs=fs, bucket=bucket, prefix=prefix, retry=retry, boto_kwargs=boto_kwargs)
+        return cls(uri=root, fs=pafs.PyFileSystem(handler), bucket=bucket, prefix=prefix, retry=retry,
+                   handler=handler)
 
     # ------------------------------------------------------------ properties
     @property
@@ -144,7 +145,9 @@ class Store:
 
     @property
     def filesystem(self) -> pafs.FileSystem:
-        """The pyarrow filesystem (for Ray Data / pyarrow.dataset); see :meth:`fs_path`."""
+        """The pyarrow filesystem (for Ray Data, Ray Train's storage_filesystem, pyarrow.dataset); see
+        :meth:`fs_path`. For S3 it retries per :attr:`retry` and refreshes credentials in any process it is
+        unpickled in."""
         return self._fs
 
     def fs_path(self, key: str = "") -> str:
@@ -159,9 +162,15 @@ class Store:
         return f"Store({self._uri!r})"
 
     def __getstate__(self) -> dict[str, Any]:
+        # The PyFileSystem pickles as its handler, whose state is the settings only (no keys, no client);
+        # keep the two sharing one handler on the other side.
         state = self.__dict__.copy()
-        state["_boto_client"] = None  # boto3 clients don't pickle
+        state["_fs"] = None
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._fs = pafs.PyFileSystem(self._handler) if self._handler is not None else pafs.LocalFileSystem()
 
     # ------------------------------------------------------------------ keys
     @staticmethod
@@ -200,34 +209,26 @@ class Store:
 
     # ---------------------------------------------------------------- retry
     def _call(self, op: str, key: str, fn: Callable[[], T]) -> T:
-        """Run ``fn`` with the retry policy; map errors to clear, key-naming ones."""
+        """Run ``fn`` (the S3 client retries transient errors itself); map errors to clear, key-naming ones."""
         url = self.url(key) if key else self._uri
-        last: BaseException | None = None
-        attempts = self.retry.attempts if self._local_root is None else 1
-        for attempt in range(attempts):
-            try:
-                return fn()
-            except FileNotFoundError as e:
+        try:
+            return fn()
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{op}: no such key {url}") from e
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - classified below
+            msg = str(e)
+            if not isinstance(e, OSError) and not is_transient_error(e):
+                raise
+            if NOT_FOUND_RE.search(msg):
                 raise FileNotFoundError(f"{op}: no such key {url}") from e
-            except BaseException as e:  # noqa: BLE001 - classified below
-                if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                    raise
-                msg = str(e)
-                if not isinstance(e, OSError) and not is_transient_error(e):
-                    raise
-                if NOT_FOUND_RE.search(msg):
-                    raise FileNotFoundError(f"{op}: no such key {url}") from e
-                if isinstance(e, PermissionError) or DENIED_RE.search(msg):
-                    raise PermissionError(f"{op}: access denied to {url}") from e
-                if not is_transient_error(e):
-                    raise OSError(f"{op} {url} failed: {msg}") from e
-                last = e
-                if attempt + 1 < attempts:
-                    delay = self.retry.delay(attempt)
-                    log.warning("%s %s: transient error (attempt %d/%d), retrying in %.2fs: %s",
-                                op, url, attempt + 1, attempts, delay, type(e).__name__)
-                    time.sleep(delay)
-        raise OSError(f"{op} {url} failed after {attempts} attempts: {last}") from last
+            if isinstance(e, PermissionError) or DENIED_RE.search(msg):
+                raise PermissionError(f"{op}: access denied to {url}") from e
+            if self._local_root is None and is_transient_error(e):
+                raise OSError(f"{op} {url} failed after the S3 retry budget ({self.retry.describe()}): "
+                              f"{msg}") from e
+            raise OSError(f"{op} {url} failed: {msg}") from e
 
     # ------------------------------------------------------------ bytes I/O
     def read_bytes(self, key: str) -> bytes:
@@ -257,13 +258,14 @@ class Store:
             # (never an untagged object that the lifecycle rule would miss).
             full = "/".join(p for p in (self._prefix, key) if p)
             self._call("write", key, lambda: self._client().put_object(Bucket=self._bucket, Key=full, Body=data,
-                                                                       Tagging=tagging))
+                                                                       Tagging=tagging,
+                                                                       ContentType=content_type(key)))
             return
 
         def _write() -> None:
             # One PUT (or a multipart upload that becomes visible only when
             # completed): readers see the old object or the new one, never part.
-            with self._fs.open_output_stream(path, metadata={}) as f:
+            with self._fs.open_output_stream(path, metadata={"Content-Type": content_type(key)}) as f:
                 f.write(data)
 
         self._call("write", key, _write)
@@ -362,10 +364,9 @@ class Store:
         self._call("delete", prefix, _delete)
 
     def _client(self) -> Any:
-        """Lazily built boto3 S3 client with SDK retries off (we retry ourselves)."""
-        if self._boto_client is None:
-            self._boto_client = make_boto_client(self._boto_kwargs)
-        return self._boto_client
+        """The boto3 S3 client (refreshing credentials, retries per :attr:`retry`), built once per process."""
+        assert self._handler is not None
+        return self._handler.client()
 
     # ------------------------------------------------------------ directories
     def download_dir(self, prefix: str, local_dir: str | os.PathLike[str]) -> Path:

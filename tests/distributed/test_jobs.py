@@ -155,7 +155,8 @@ def test_bad_subject_fails_alone_and_exit_is_nonzero(reference, capsys):
     store = reference["store"]
     rows = {r["subject_id"]: r for r in JobStatus(Store.open(str(store)), "ref").read()}
     assert rows["toy-a"]["state"] == "succeeded" and rows["toy-a"]["attempts"] == 1
-    assert rows["toy-bad"]["state"] == "failed" and rows["toy-bad"]["stage"] == "precompute"
+    # image headers are read at catalog validation (the pixel budget), so an unreadable image fails there
+    assert rows["toy-bad"]["state"] == "failed" and rows["toy-bad"]["stage"] == "validate"
     assert "is not a readable image" in rows["toy-bad"]["error"]
     assert rows["row-3"]["state"] == "failed" and rows["row-3"]["stage"] == "validate"
     sub = store / "subjects" / "toy-a"
@@ -163,12 +164,14 @@ def test_bad_subject_fails_alone_and_exit_is_nonzero(reference, capsys):
     assert sorted(p.name for p in (sub / "samples").glob("*.png")) == ["eval_00.png", "sample_00.png"]
     metrics = json.loads((sub / "metrics.json").read_text())
     assert len(metrics["loss"]) == STEPS and metrics["resumed_from_step"] is None
-    assert list((sub / "checkpoints" / "ref-toy-a").glob("checkpoint_*"))
+    kept = sorted((sub / "checkpoints" / "ref-toy-a").glob("checkpoint_*"))
+    assert len(kept) == 2  # 3 saved (steps 2, 4, 6), pruned to train.keep_checkpoints (default 2)
+    assert all((c / "manifest.json").is_file() for c in kept)
     assert not (store / "subjects" / "toy-bad" / "adapter").exists()
     from blockskip_ray.commands import status as status_cmd
     assert status_cmd.run(argparse.Namespace(job_id="ref", store=str(store), json=False)) == 0
     out = capsys.readouterr().out
-    assert "3 subjects (1 succeeded, 2 failed)" in out and "toy-bad" in out and "precompute" in out
+    assert "3 subjects (1 succeeded, 2 failed)" in out and "toy-bad" in out and "validate" in out
 
 
 def test_rerun_keeps_finished_subjects(reference, tmp_path):
@@ -219,5 +222,28 @@ def test_failed_subject_resumes_on_job_rerun_exactly(reference, tiny, tmp_path, 
     assert second.succeeded == ["toy-a"] and second.metrics["toy-a"]["resumed_from_step"] in (2, 4)
     row = JobStatus(Store.open(str(tmp_path / "store")), "rerun").read()[0]
     assert (row["state"], row["attempts"]) == ("succeeded", 2)
+    ref, got = _adapter(reference["store"], "toy-a"), _adapter(tmp_path / "store", "toy-a")
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_damaged_latest_checkpoint_resumes_from_the_previous_one_exactly(reference, tiny, tmp_path, monkeypatch):
+    """Issue 14 item 6 end to end: the latest checkpoint's tensor is overwritten (a valid file, wrong values)
+    between a failed run and the rerun; the rerun falls back to the previous checkpoint and still ends with the
+    reference adapter (before manifests it resumed from the damaged one and reported success)."""
+    from safetensors.torch import save_file
+
+    from blockskip_ray.distributed.jobs import run_job
+    monkeypatch.setenv("BLOCKSKIP_FAULT", f"toy-a:{STEPS - 1}:raise")
+    job = _job(tiny, _good_only(reference, tmp_path), tmp_path / "store", "damaged")
+    assert "injected fault" in run_job(job, log=lambda m: None).failed["toy-a"]
+    ckpts = sorted((tmp_path / "store/subjects/toy-a/checkpoints/damaged-toy-a").glob("checkpoint_*"))
+    assert len(ckpts) == 2  # steps 2 and 4
+    state = load_file(str(ckpts[-1] / "state.safetensors"))
+    key = next(k for k in state if k.startswith("lora/"))
+    state[key] = state[key] + 0.5
+    save_file(state, str(ckpts[-1] / "state.safetensors"))
+    monkeypatch.delenv("BLOCKSKIP_FAULT")
+    second = run_job(job, log=lambda m: None)
+    assert second.succeeded == ["toy-a"] and second.metrics["toy-a"]["resumed_from_step"] == 2
     ref, got = _adapter(reference["store"], "toy-a"), _adapter(tmp_path / "store", "toy-a")
     assert all(torch.equal(ref[k], got[k]) for k in ref)

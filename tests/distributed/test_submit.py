@@ -2,7 +2,10 @@
 
 Teardown: the head runs as `ray start --head --block` in its own session (process group), and the test ends
 exactly that group. `ray stop --force` is not used: it kills every Ray process on the machine, including other
-users' clusters.
+users' clusters. The head gets its own --temp-dir (so its cluster-address file is not /tmp/ray's, and no dead
+address is left behind for `address: auto`) and a free port for every listener (the fixed defaults, e.g. the
+dashboard agent's 52365, clash with other Ray heads on a shared machine: "No available agent to submit job").
+Waits are deadlines on a condition, generous enough for a loaded machine, never fixed sleeps.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,7 +55,10 @@ def head(tmp_path_factory):
         import aiohttp  # noqa: F401
     except ImportError as e:
         pytest.skip(f"Ray dashboard / job server not installed (ray[default]): {e}")
-    gcs, dash = _free_port(), _free_port()
+    ports = {flag: _free_port() for flag in (
+        "port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port", "node-manager-port", "object-manager-port", "ray-client-server-port")}
+    temp_dir = tempfile.mkdtemp(prefix="bs-head-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     # Ray 2.60 turns token authentication on for new clusters: give this head its own token, and the client
     # (JobSubmissionClient in this process) the same one through Ray's own settings.
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
@@ -62,12 +69,13 @@ def head(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
     proc = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", "--num-cpus=2", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", "--include-dashboard=true", "--disable-usage-stats"],
+        [ray_bin, "start", "--head", "--block", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+         "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+         *[f"--{flag}={port}" for flag, port in ports.items()]],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
     import httpx
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # a deadline on a condition: a loaded machine may take minutes
     while True:
         try:
             # any answer means the server is up (401 while Ray's token authentication is on)
@@ -77,11 +85,15 @@ def head(tmp_path_factory):
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             _stop(proc)
+            shutil.rmtree(temp_dir, ignore_errors=True)
             pytest.skip(f"the Ray head / job server did not come up on {address} (see {log.name})")
         time.sleep(1)
-    yield address
-    _stop(proc)
-    log.close()
+    try:
+        yield address
+    finally:
+        _stop(proc)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)  # with it the head's (now dead) cluster-address file
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
@@ -118,7 +130,7 @@ def test_submit_runs_blockskip_run_on_the_cluster(head, tmp_path, capsys):
     store = tmp_path / "store"
     code = submit_cmd.run(argparse.Namespace(
         job=str(wd / "job.yaml"), address=head, store=str(store), working_dir=None, python="python", wait=True,
-        timeout=300, overrides=["ray.num_cpus=1"]))
+        timeout=1200, overrides=["ray.num_cpus=1"]))
     out = capsys.readouterr().out
     assert code == 0, out
     assert "SUCCEEDED" in out and "joined the Ray cluster" in out  # the submitted job ran on that head

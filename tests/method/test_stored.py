@@ -130,7 +130,7 @@ def test_training_from_store_equals_in_process(computed, reference_losses, tmp_p
         store = Store.open(str(tmp_path / "store"))
     else:
         endpoint = request.getfixturevalue("s3_endpoint")
-        store = Store.open(f"s3://{BUCKET}/{unique_prefix('stored')}", endpoint_url=endpoint, retry_base_delay=0.01)
+        store = Store.open(f"s3://{BUCKET}/{unique_prefix('stored')}", endpoint_url=endpoint, )
     write_features(store, "toy-1", text, feats, plan, meta_for(spec, family, skip, "fp32"), shard_max_bytes=30_000)
     torch.manual_seed(0)
     _, got, _ = train_from_store(spec, store, "toy-1", torch.device("cpu"), feature_dtype="fp32", log=lambda _: None)

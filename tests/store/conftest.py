@@ -78,7 +78,7 @@ def store(request, tmp_path) -> Store:
         return Store.open(str(tmp_path / "store"))
     endpoint = request.getfixturevalue("s3_endpoint")
     return Store.open(f"s3://{BUCKET}/{unique_prefix('t')}", endpoint_url=endpoint,
-                      retry_base_delay=0.01)
+                      )
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +94,6 @@ def proxied_store(fault_proxy) -> Store:
     """An S3 store reached through the fault proxy; short timeouts, fast retries."""
     fault_proxy.clear()
     st = Store.open(f"s3://{BUCKET}/{unique_prefix('proxied')}", endpoint_url=fault_proxy.endpoint,
-                    retry_attempts=5, retry_base_delay=0.01, connect_timeout=2, request_timeout=1.0)
+                    retry_attempts=5, connect_timeout=2, request_timeout=1.0)
     yield st
     fault_proxy.clear()

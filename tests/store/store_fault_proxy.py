@@ -33,6 +33,8 @@ class Fault:
     seconds: float = 0.0
     methods: tuple[str, ...] = ()  # empty: any method
     path_contains: str = ""
+    until: float = 0.0            # > 0: a time window (time.monotonic()) instead of a count: an outage
+    duration: float = 0.0         # > 0: an outage of this length that starts at the first matching request
 
 
 @dataclass
@@ -150,6 +152,13 @@ class FaultProxy:
         with self._lock:
             self._faults.append(Fault(kind=kind, count=count, **kw))  # type: ignore[arg-type]
 
+    def outage(self, seconds: float, kind: str = "status", armed: bool = False, **kw: object) -> None:
+        """Every matching request fails for the next `seconds` (503 SlowDown by default, or drop); armed: the
+        window starts at the first matching request (for traffic whose start time the test does not know)."""
+        with self._lock:
+            timing = {"duration": seconds} if armed else {"until": time.monotonic() + seconds}
+            self._faults.append(Fault(kind=kind, count=1, **timing, **kw))  # type: ignore[arg-type]
+
     def clear(self) -> None:
         with self._lock:
             self._faults.clear()
@@ -157,12 +166,18 @@ class FaultProxy:
 
     def pending(self) -> int:
         with self._lock:
-            return sum(f.count for f in self._faults)
+            return sum(f.count for f in self._faults if not f.until and not f.duration)
 
     def _take(self, method: str, path: str) -> Fault | None:
         with self._lock:
+            now = time.monotonic()
+            self._faults = [f for f in self._faults if not f.until or f.until > now]
             for f in self._faults:
                 if (not f.methods or method in f.methods) and f.path_contains in path:
+                    if f.duration and not f.until:
+                        f.until = now + f.duration
+                    if f.until:
+                        return f
                     f.count -= 1
                     if f.count <= 0:
                         self._faults.remove(f)

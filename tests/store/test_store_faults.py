@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import pyarrow as pa
 import pytest
@@ -41,10 +40,10 @@ def test_retry_on_dropped_connection(proxied_store, fault_proxy):
 def test_retry_on_timeout(proxied_store, fault_proxy):
     proxied_store.write_bytes("slow", b"x")
     fault_proxy.inject("delay", count=1, seconds=2.5, methods=("GET", "HEAD"))  # > request_timeout=1s
-    t0 = time.monotonic()
     assert proxied_store.read_bytes("slow") == b"x"
-    assert time.monotonic() - t0 < 2.4  # the slow response was abandoned, not awaited
     assert len(faults_seen(fault_proxy, "delay")) == 1
+    # the slow request was abandoned at request_timeout and retried (no wall-clock assert: load may vary)
+    assert len([s for s in fault_proxy.seen if "slow" in s.path]) >= 2
 
 
 def test_small_delay_just_succeeds(proxied_store, fault_proxy):
@@ -55,7 +54,7 @@ def test_small_delay_just_succeeds(proxied_store, fault_proxy):
 
 def test_retries_exhausted(proxied_store, fault_proxy):
     fault_proxy.inject("status", count=100, status=503, code="SlowDown", methods=("PUT",))
-    with pytest.raises(OSError, match=r"failed after 5 attempts") as ei:
+    with pytest.raises(OSError, match=r"failed after the S3 retry budget \(pyarrow: 5 attempts") as ei:
         proxied_store.write_bytes("never", b"x")
     assert "proxied" in str(ei.value) and "never" in str(ei.value)
     assert len(faults_seen(fault_proxy)) == 5

@@ -232,7 +232,7 @@ def test_feature_objects_carry_the_lifecycle_tag(s3_endpoint, s3_client):
     under features/ must carry the tag (checked with plain boto3), nothing else may."""
     BUCKET, prefix = "tags-test", "p"
     s3_client.create_bucket(Bucket=BUCKET)
-    store = Store.open(f"s3://{BUCKET}/{prefix}", endpoint_url=s3_endpoint, retry_base_delay=0.01)
+    store = Store.open(f"s3://{BUCKET}/{prefix}", endpoint_url=s3_endpoint, )
     write(store, make_steps(3))
     store.write_json(f"subjects/{SID}/metrics.json", {"x": 1})
     keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/")["Contents"]]
