@@ -20,7 +20,7 @@ from typing import Any, Callable
 from ..method.catalog import Subject, load_catalog
 from ..store import ADAPTER_FILE, JobStatus, Store, validate_id
 from ..store.status import STATES, utc_now
-from .jobspec import JobSpec
+from .jobspec import JobSpec, check_model
 
 Log = Callable[[str], None]
 
@@ -141,23 +141,10 @@ def selection_lookup(job: JobSpec, store: Store, model_dir: str, log: Log = _std
 
 
 def run_select(job: JobSpec, store: Store, model_dir: str) -> None:
-    import argparse
+    from .jobspec import parse_select_argv, select_argv
 
-    from ..commands import select
-
-    parser = argparse.ArgumentParser(prog="blockskip")
-    select.register(parser.add_subparsers(dest="command", required=True))
-    argv = ["select", "--model", model_dir, "--store", store.uri,
-            "--skip-ratios", ",".join(str(r) for r in job.selection.skip_ratios)]
-    for key, value in job.selection.options.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, list):  # nargs="+" flags take separate words, the others comma-separated lists
-            argv += [flag, *map(str, value)] if key in ("prompts", "probe_subjects") else [flag, ",".join(map(str, value))]
-        elif value is True:
-            argv.append(flag)
-        else:
-            argv += [flag, str(value)]
-    args = parser.parse_args(argv)  # unknown options are argparse errors (SystemExit): refuse them clearly
+    argv = select_argv(job, model_dir, store.uri)
+    args = parse_select_argv(argv)  # already checked when the spec was built
     if int(args.func(args) or 0) != 0:
         raise RuntimeError(f"`blockskip {' '.join(argv)}` failed")
 
@@ -177,8 +164,8 @@ def precompute_stage(job: JobSpec, store: Store, model_dir: str, subjects: list[
 
     job.precompute holds PrecomputeConfig fields (feature_dtype, batch_size, concurrency, num_gpus, ...) and
     `enabled` (default true; false: each training worker computes its subject's features itself)."""
-    opts = dict(job.precompute)
-    if not opts.pop("enabled", True):
+    opts = job.precompute.options()
+    if not job.precompute.enabled:
         log(f"[{job.job_id}] precompute: disabled (precompute.enabled=false); training workers compute features")
         return {}
     from .precompute import PrecomputeConfig, run_precompute
@@ -238,6 +225,7 @@ def run_job(job: JobSpec, log: Log = _stderr) -> JobResult:
     status = JobStatus(store, job.job_id)
     result = JobResult(job.job_id)
     model_dir = result.model_dir = resolve_model(job, log)
+    explicit = check_model(job, model_dir)  # before Ray, selection or any status row
     if job.catalog is None:  # a selection-only job
         init_ray(job, log)
         lookup = selection_lookup(job, store, model_dir, log)
@@ -266,7 +254,13 @@ def run_job(job: JobSpec, log: Log = _stderr) -> JobResult:
             todo.append(s)
     if todo:
         init_ray(job, log)
-        skip = resolve_skip_plan(job, model_dir, selection_lookup(job, store, model_dir, log), log)
+        if explicit is not None or job.train.mode == "lora":  # an explicit plan (or no skipping): no probes
+            log(f"[{job.job_id}] selection: not run (train.skip={list(explicit) if explicit else None}, "
+                f"mode {job.train.mode})")
+            lookup = None
+        else:
+            lookup = selection_lookup(job, store, model_dir, log)
+        skip = resolve_skip_plan(job, model_dir, lookup, log)
         now = utc_now()
         status.set_many([{"subject_id": s.id, "stage": "precompute", "state": "running", "error": None,
                           "started_at": now, "finished_at": None} for s in todo])

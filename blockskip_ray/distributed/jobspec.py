@@ -1,167 +1,245 @@
-"""The typed job spec of `blockskip run JOB.yaml`: dataclasses with defaults, YAML loading, key=value overrides.
+"""The typed job spec of `blockskip run JOB.yaml`: pydantic dataclasses with defaults and constraints, YAML
+loading, key=value overrides.
+
+Every value is checked when the spec is built (types, ranges, choices, cross-field rules, the flags of
+selection.options), so `run` and `submit` refuse a bad spec before anything starts; `check_model` adds the
+checks that need the model directory (skip plan vs block count, resolution multiple). Unknown keys are errors
+everywhere (in the YAML and in overrides) so a typo never silently falls back to a default.
+Adding a key is one line in its section: `name: Annotated[StrictInt, Field(ge=0)] = default`.
 
 This module does not import ray (it is also used by `blockskip submit` and the tests without a cluster).
-Unknown keys are errors everywhere (in the YAML and in overrides) so a typo never silently falls back to a default.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
+from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic.dataclasses import dataclass
 
 from ..store.ids import validate_id
 
+# Strict scalars: "5" is not an integer and 1 is not true (never silently fix bad input); ints are numbers.
+Pos = Annotated[StrictInt, Field(ge=1)]
+NonNeg = Annotated[StrictInt, Field(ge=0)]
+PosFloat = Annotated[StrictFloat, Field(gt=0)]
+NonNegFloat = Annotated[StrictFloat, Field(ge=0)]
+Ratio = Annotated[StrictFloat, Field(ge=0, lt=1)]  # skip ratios: [0, 1)
+_CONFIG = ConfigDict(extra="forbid")
+MODES = Literal["blockskip", "lora", "naive-skip", "resize"]  # method/modes.MODES (a test keeps them equal)
+FEATURE_DTYPES = Literal["fp32", "bf16", "fp8_e4m3"]  # store/features.DTYPES (a test keeps them equal)
 
-@dataclass
+
+@dataclass(config=_CONFIG)
 class TrainSection:
-    mode: str = "blockskip"
-    steps: int = 500
-    resolution: int = 256
-    s_max: int | None = None
-    skip: list[int] | None = None  # [n, m]; overrides skip_ratio
-    skip_ratio: float | None = 0.3
-    seed: int = 0
-    max_text_tokens: int = 512
-    checkpoint_every: int = 50
-    rank: int = 16
-    alpha: float | None = None
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    grad_clip: float = 1.0
-    guidance: float = 3.5
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "bf16"
+    mode: MODES = "blockskip"
+    steps: Pos = 500
+    resolution: Annotated[StrictInt, Field(ge=16)] = 256
+    s_max: Optional[Annotated[StrictInt, Field(ge=16)]] = None
+    skip: Optional[Annotated[list[NonNeg], Field(min_length=2, max_length=2)]] = None  # [n, m]; overrides skip_ratio
+    skip_ratio: Optional[Ratio] = 0.3
+    seed: NonNeg = 0
+    max_text_tokens: Pos = 512
+    checkpoint_every: NonNeg = 50
+    rank: Pos = 16
+    alpha: Optional[PosFloat] = None
+    lr: PosFloat = 1e-4
+    weight_decay: NonNegFloat = 1e-4
+    grad_clip: NonNegFloat = 1.0  # 0: no clipping
+    guidance: NonNegFloat = 3.5
+    gradient_checkpointing: StrictBool = False
+    mixed_precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast on CUDA; CPU always trains in fp32
 
 
-@dataclass
+@dataclass(config=_CONFIG)
 class SampleSection:
-    num: int = 2  # images per subject with the subject's prompt
-    steps: int = 20
-    size: int | None = None  # default: train.resolution
-    eval: bool = False  # also render every eval_prompt of the subject (samples/eval_XX.png)
+    num: NonNeg = 2  # images per subject with the subject's prompt
+    steps: Pos = 20
+    size: Optional[Annotated[StrictInt, Field(ge=16)]] = None  # default: train.resolution
+    eval: StrictBool = False  # also render every eval_prompt of the subject (samples/eval_XX.png)
 
 
-@dataclass
+@dataclass(config=_CONFIG)
 class RaySection:
-    address: str | None = "auto"  # "auto": join a running cluster, else start a local one
-    num_cpus: int | None = None  # for a local cluster started by the job
-    concurrency: int = 2  # subjects training at the same time
-    cpus_per_subject: float = 1.0
-    gpus_per_subject: float = 0.0  # fraction of a GPU per subject (0 = CPU training)
-    max_failures: int = 1  # Ray Train restarts of a subject's worker, resuming from its last checkpoint
+    address: Optional[StrictStr] = "auto"  # "auto": join a running cluster, else start a local one; "local"
+    num_cpus: Optional[Pos] = None  # for a local cluster started by the job
+    concurrency: Pos = 2  # subjects training at the same time
+    cpus_per_subject: NonNegFloat = 1.0
+    gpus_per_subject: NonNegFloat = 0.0  # fraction of a GPU per subject (0 = CPU training)
+    max_failures: NonNeg = 1  # Ray Train restarts of a subject's worker, resuming from its last checkpoint
 
 
-@dataclass
+@dataclass(config=_CONFIG)
 class SelectionSection:
-    enabled: bool = True  # run the masking probes when the model has no selection table yet
-    skip_ratios: list[float] = field(default_factory=lambda: [0.3])
-    options: dict[str, Any] = field(default_factory=dict)  # passed to the probe pipeline as is
+    enabled: StrictBool = True  # run the masking probes when the model has no selection table yet
+    skip_ratios: Annotated[list[Ratio], Field(min_length=1)] = field(default_factory=lambda: [0.3])
+    options: dict[str, Any] = field(default_factory=dict)  # flags of `blockskip select` (checked by its parser)
 
 
-@dataclass
+@dataclass(config=_CONFIG)
+class PrecomputeSection:
+    """Options of the Ray Data precompute pipeline (distributed/precompute.PrecomputeConfig); None keeps its default."""
+    enabled: StrictBool = True  # false: each training worker computes its subject's features itself
+    feature_dtype: Optional[FEATURE_DTYPES] = None
+    num_gpus: Optional[NonNegFloat] = None
+    concurrency: Optional[Pos] = None
+    batch_size: Optional[Pos] = None
+    shard_max_bytes: Optional[Pos] = None
+    endpoint_url: Optional[StrictStr] = None
+
+    def options(self) -> dict[str, Any]:
+        """The PrecomputeConfig keyword arguments the job sets."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "enabled" and v is not None}
+
+
+@dataclass(config=_CONFIG)
 class JobSpec:
-    job_id: str
-    model: str  # a local diffusers pipeline dir, or "tiny:flux" / "tiny:sana" (built into work_dir on first use)
+    job_id: StrictStr
+    model: StrictStr  # a local diffusers pipeline dir, or "tiny:flux" / "tiny:sana" (built into work_dir on first use)
     # JSONL or Parquet catalog, or "synthetic:N" (N synthetic subjects generated into work_dir);
     # null: a selection-only job (runs the masking probes for the model and stops).
-    catalog: str | None = None
-    store: str = "blockskip-store"  # local path or s3://bucket/prefix
-    work_dir: str = "blockskip-work"  # local scratch: built tiny model, synthetic catalog
-    strict: bool = False  # refuse the whole job when any catalog row is invalid
-    overwrite: bool = False  # retrain subjects that already have an adapter in the store from another job
+    catalog: Optional[StrictStr] = None
+    store: StrictStr = "blockskip-store"  # local path or s3://bucket/prefix
+    work_dir: StrictStr = "blockskip-work"  # local scratch: built tiny model, synthetic catalog
+    strict: StrictBool = False  # refuse the whole job when any catalog row is invalid
+    overwrite: StrictBool = False  # retrain subjects that already have an adapter in the store from another job
     train: TrainSection = field(default_factory=TrainSection)
     samples: SampleSection = field(default_factory=SampleSection)
     ray: RaySection = field(default_factory=RaySection)
     selection: SelectionSection = field(default_factory=SelectionSection)
-    precompute: dict[str, Any] = field(default_factory=dict)  # options for the Ray Data precompute pipeline
+    precompute: PrecomputeSection = field(default_factory=PrecomputeSection)
 
     def __post_init__(self) -> None:
-        validate_id(self.job_id, kind="job id")
-        if self.ray.concurrency < 1:
-            raise ValueError(f"ray.concurrency must be >= 1, got {self.ray.concurrency}")
-        if self.ray.gpus_per_subject < 0 or self.ray.cpus_per_subject < 0:
-            raise ValueError("ray.cpus_per_subject / ray.gpus_per_subject must be >= 0")
-        if self.train.skip is not None and len(self.train.skip) != 2:
-            raise ValueError(f"train.skip must be [n, m], got {self.train.skip}")
+        _check(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
+class _RaisingParser(argparse.ArgumentParser):
+    """argparse that raises ValueError instead of printing usage and exiting (used to check selection.options)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ValueError(message)
+
+
+# `blockskip select` flags the job sets itself; selection.options may not repeat them.
+_SELECT_OWN = {"model": "model", "store": "store", "skip_ratios": "selection.skip_ratios"}
+
+
+def select_argv(job: JobSpec, model_dir: str, store_uri: str) -> list[str]:
+    """The `blockskip select` command line of the job's selection step (selection.options as its flags)."""
+    argv = ["select", "--model", model_dir, "--store", store_uri,
+            "--skip-ratios", ",".join(str(r) for r in job.selection.skip_ratios)]
+    for key, value in job.selection.options.items():
+        if key in _SELECT_OWN:
+            raise ValueError(f"selection.options.{key}: set by the job ({_SELECT_OWN[key]}), not an option")
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, list):  # nargs="+" flags take separate words, the others comma-separated lists
+            argv += [flag, *map(str, value)] if key in ("prompts", "probe_subjects") else [flag, ",".join(map(str, value))]
+        elif value is True:
+            argv.append(flag)
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def parse_select_argv(argv: list[str]) -> argparse.Namespace:
+    """`blockskip select`'s own parser on argv; a bad flag or value is a ValueError naming selection.options."""
+    from ..commands import select
+
+    parser = _RaisingParser(prog="blockskip")
+    select.register(parser.add_subparsers(dest="command", required=True))
+    try:
+        return parser.parse_args(argv)
+    except ValueError as e:
+        raise ValueError(f"selection.options: {e}") from None
+
+
+def _check(spec: JobSpec) -> None:
+    """Rules across fields (the per-field ranges and choices are in the annotations)."""
+    validate_id(spec.job_id, kind="job id")
+    t = spec.train
+    if spec.model.startswith("tiny:") and spec.model not in ("tiny:flux", "tiny:sana"):
+        raise ValueError(f"model {spec.model!r}: expected tiny:flux or tiny:sana")
+    if "://" in spec.model:
+        raise ValueError(f"model {spec.model!r}: give a local diffusers pipeline directory (on every node)")
+    if spec.catalog is not None and spec.catalog.startswith("synthetic:"):
+        n = spec.catalog.split(":", 1)[1]
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"catalog {spec.catalog!r}: expected synthetic:N with N >= 1")
+    if "://" in spec.store and not (spec.store.startswith("s3://") and spec.store[5:].strip("/")):
+        raise ValueError(f"store {spec.store!r}: expected a local path or s3://bucket/prefix")
+    if t.mode == "lora" and (t.skip not in (None, [0, 0]) or t.skip_ratio):
+        raise ValueError("train.mode=lora trains every block: set train.skip_ratio=null and leave train.skip unset")
+    if t.s_max is not None and t.s_max < t.resolution:
+        raise ValueError(f"train.s_max ({t.s_max}) must be >= train.resolution ({t.resolution})")
+    parse_select_argv(select_argv(spec, "MODEL", "STORE"))
+
+
+def check_model(spec: JobSpec, model_dir: str) -> tuple[int, int] | None:
+    """The checks that need the model: the explicit skip plan against its block count, the training and sample
+    sizes against its pixel multiple. Returns the explicit skip plan (None: from the ratio)."""
+    from ..method.modes import check_skip
+    from ..method.personalize import num_blocks
+    from ..models.loading import pixel_multiple
+
+    multiple = pixel_multiple(model_dir)
+    for key, value in (("train.resolution", spec.train.resolution), ("samples.size", spec.samples.size)):
+        if value is not None and value % multiple:
+            raise ValueError(f"{key}={value} must be a multiple of {multiple} for this model")
+    if spec.train.skip is None:
+        return None
+    try:
+        return check_skip(tuple(spec.train.skip), num_blocks(model_dir))
+    except ValueError as e:
+        raise ValueError(f"train.skip: {e}") from None
+
+
+def _location(loc: tuple) -> str:
+    return ".".join(str(x) for x in loc)
+
+
+def _allowed(loc: tuple) -> str:
+    cls: Any = JobSpec
+    for p in loc[:-1]:
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        cls = hints.get(p)
+    names = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+    return ", ".join(sorted(names))
+
+
+def _one_line(e: ValidationError) -> str:
+    out = []
+    for err in e.errors():
+        where, kind = _location(err["loc"]), err["type"]
+        if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+            out.append(f"unknown key {where!r}; allowed: {_allowed(err['loc'])}")
+        elif kind in ("missing_argument", "missing"):
+            out.append(f"missing required key {where!r}")
+        elif kind == "value_error":
+            out.append(str(err["ctx"]["error"]))
+        else:
+            out.append(f"{where}: {err['msg'].lower()} (got {err['input']!r})")
+    return "; ".join(out)
+
+
+def _build(data: dict[str, Any]) -> JobSpec:
+    try:
+        return JobSpec(**data)
+    except ValidationError as e:
+        raise ValueError(_one_line(e)) from None
+    except TypeError as e:  # a non-string top-level key
+        raise ValueError(f"job spec: {e}") from None
+
+
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check/convert one value against a field type (the few shapes the spec uses)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if _is_dataclass_type(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
-        return _build(tp, value, where)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise ValueError(f"{where}: unsupported field type {tp}")
-
-
-def _build(cls: type, data: dict[str, Any], where: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"unknown key(s) {', '.join((where + '.' if where else '') + k for k in unknown)}; "
-                         f"allowed: {', '.join(sorted(names))}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ValueError(f"missing required key(s): {', '.join(missing)}")
-    return cls(**kwargs)
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
@@ -210,21 +288,31 @@ def _field_type(parts: list[str]) -> Any:
     return cls
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The job file as a mapping; a missing file or a YAML syntax error is one line naming the place."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"job spec {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"job spec {path}: invalid YAML{where}: {what}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"job spec {path}: expected a YAML mapping at the top level")
+    return data
+
+
 def load_spec(source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
-    """A JobSpec from a YAML file (or an already parsed mapping) plus key=value overrides."""
-    if isinstance(source, dict):
-        data = dict(source)
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"job spec {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"job spec {path}: expected a YAML mapping at the top level")
-    data = _deep_copy(data)
+    """A checked JobSpec from a YAML file (or an already parsed mapping) plus key=value overrides."""
+    data = _deep_copy(source if isinstance(source, dict) else read_yaml(source))
     for item in overrides:
         apply_override(data, item)
-    return _build(JobSpec, data)
+    return _build(data)
 
 
 def _deep_copy(d: Any) -> Any:
@@ -235,5 +323,5 @@ def _deep_copy(d: Any) -> Any:
     return d
 
 
-__all__ = ["JobSpec", "TrainSection", "SampleSection", "RaySection", "SelectionSection", "load_spec",
-           "apply_override"]
+__all__ = ["JobSpec", "TrainSection", "SampleSection", "RaySection", "SelectionSection", "PrecomputeSection",
+           "load_spec", "apply_override", "check_model", "select_argv", "parse_select_argv"]

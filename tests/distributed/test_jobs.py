@@ -34,8 +34,8 @@ def test_overrides_nested_and_typed(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("train.stepz=3", "unknown key 'train.stepz'"),
     ("nope=1", "unknown key 'nope'"),
-    ("train.steps=many", "train.steps: expected an integer"),
-    ("ray.concurrency=0", "concurrency must be >= 1"),
+    ("train.steps=many", "train.steps: input should be a valid integer"),
+    ("ray.concurrency=0", "ray.concurrency: input should be greater than or equal to 1"),
     ("job_id=../x", "invalid job id"),
     ("train.steps", "not key=value"),
 ])
