@@ -21,7 +21,9 @@ def run(args: argparse.Namespace) -> int:
 
     status = JobStatus(Store.open(args.store), args.job_id)
     if args.json:
-        print(json.dumps(status.read(), indent=1))
+        from ..store.status import jsonable
+
+        print(json.dumps(jsonable(status.read()), indent=1))
         return 0
     rows = status.read()
     if not rows:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..method.catalog import Subject, load_catalog
-from ..store import ADAPTER_FILE, JobStatus, Store, validate_id
+from ..store import ADAPTER_FILE, JobStatus, Store, delete_features, validate_id
 from ..store.status import STATES, utc_now
 from .jobspec import JobSpec, check_model
 
@@ -189,9 +189,7 @@ class Progress:
     def set(self, sid: str, **fields: Any) -> None:
         with self.lock:
             row = self.status.update(sid, **fields)
-            counts = {s: 0 for s in STATES}
-            for r in self.status.read():
-                counts[r["state"]] += 1
+            counts = self.status.counts()  # kept by the writer: no store read per change
             tail = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
             why = f": {row['error']}" if row["state"] == "failed" and row["error"] else ""
             self.log(f"[{self.job_id}] {sid}: {row['state']} ({row['stage']}){why}  [{tail}]")
@@ -272,8 +270,7 @@ def run_job(job: JobSpec, log: Log = _stderr) -> JobResult:
         todo = [s for s in todo if s.id not in bad]
 
         def one(s: Subject) -> None:
-            prev = status.read()
-            attempts = next((r["attempts"] for r in prev if r["subject_id"] == s.id), 0) + 1
+            attempts = (status.get(s.id) or {}).get("attempts", 0) + 1
             progress.set(s.id, stage="train", state="running", error=None, attempts=attempts, finished_at=None)
             spec = subject_train_spec(job, model_dir, s.id, s.prompt, "", skip, out="")
             try:
@@ -284,11 +281,14 @@ def run_job(job: JobSpec, log: Log = _stderr) -> JobResult:
                 result.failed[s.id] = reason
                 return
             progress.set(s.id, stage="done", state="succeeded", error=None, finished_at=utc_now())
+            if not job.keep_features:  # the adapter is written: its features are no longer needed
+                delete_features(store, s.id)
             result.succeeded.append(s.id)
             result.metrics[s.id] = metrics
 
         with ThreadPoolExecutor(max_workers=job.ray.concurrency, thread_name_prefix="subject") as pool:
             list(pool.map(one, todo))
+    status.compact()  # fold this run's status events into status.parquet
     for sid in result.skipped:
         try:
             result.metrics[sid] = store.read_json(f"subjects/{sid}/metrics.json")

@@ -108,6 +108,7 @@ class JobSpec:
     work_dir: StrictStr = "blockskip-work"  # local scratch: built tiny model, synthetic catalog
     strict: StrictBool = False  # refuse the whole job when any catalog row is invalid
     overwrite: StrictBool = False  # retrain subjects that already have an adapter in the store from another job
+    keep_features: StrictBool = False  # keep a subject's precomputed features after its adapter is written
     train: TrainSection = field(default_factory=TrainSection)
     samples: SampleSection = field(default_factory=SampleSection)
     ray: RaySection = field(default_factory=RaySection)
