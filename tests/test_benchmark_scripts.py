@@ -57,3 +57,18 @@ def test_cpu_step_memory_benchmark_prints_three_configs(tmp_path):
     rows = re.findall(r"^(lora|blockskip-30%|blockskip-50%)\s+\((\d+), (\d+)\)\s", out, flags=re.M)
     assert [r[0] for r in rows] == ["lora", "blockskip-30%", "blockskip-50%"], out
     assert rows[0][1:] == ("0", "0") and all(int(n) + int(m) > 0 for _, n, m in rows[1:])
+
+
+def test_status_bookkeeping_benchmark_prints_both_schemes():
+    out = _run("status_bookkeeping.py", "--subjects", "40", "--http-sample", "10", "--old-sample", "3",
+               "--compact-every", "20", timeout=300)
+    assert re.search(r"^HTTP requests per change through the counting proxy .*: [\d.]+ ", out, flags=re.M), out
+    for row in ("events + compaction (now)", "rewrite whole table (before)"):
+        assert re.search(rf"^{re.escape(row)}\s+[\d.]+\s+[\d,]+\s+[\d.]+\s+[\d.]+", out, flags=re.M), (row, out)
+
+
+def test_packed_step_benchmark_prints_a_row_per_k():
+    out = _run("packed_step.py", "--dim", "64", "--resolution", "64", "--text-tokens", "16", "--ks", "1,2",
+               "--steps", "1", timeout=300)
+    rows = re.findall(r"^\s+(\d+)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", out, flags=re.M)
+    assert rows == ["1", "2"], out
