@@ -286,8 +286,28 @@ def run_job(job: JobSpec, log: Log = _stderr) -> JobResult:
             result.succeeded.append(s.id)
             result.metrics[s.id] = metrics
 
-        with ThreadPoolExecutor(max_workers=job.ray.concurrency, thread_name_prefix="subject") as pool:
-            list(pool.map(one, todo))
+        if job.ray.workers:  # long-lived workers, packed subjects (distributed/pool.py)
+            from .pool import run_pool
+
+            def on_event(sid: str, kind: str, info: Any) -> None:
+                if kind == "running":
+                    attempts = (status.get(sid) or {}).get("attempts", 0) + 1
+                    progress.set(sid, stage="train", state="running", error=None, attempts=attempts, finished_at=None)
+                elif kind == "succeeded":
+                    progress.set(sid, stage="done", state="succeeded", error=None, finished_at=utc_now())
+                    if not job.keep_features:
+                        delete_features(store, sid)
+                    result.succeeded.append(sid)
+                    result.metrics[sid] = info
+                else:
+                    stage, reason = info
+                    progress.set(sid, stage=stage, state="failed", error=reason, finished_at=utc_now())
+                    result.failed[sid] = reason
+
+            run_pool(job, store, model_dir, todo, skip, on_event, log)
+        else:
+            with ThreadPoolExecutor(max_workers=job.ray.concurrency, thread_name_prefix="subject") as pool:
+                list(pool.map(one, todo))
     status.compact()  # fold this run's status events into status.parquet
     for sid in result.skipped:
         try:

@@ -72,6 +72,11 @@ class RaySection:
     cpus_per_subject: NonNegFloat = 1.0
     gpus_per_subject: NonNegFloat = 0.0  # fraction of a GPU per subject (0 = CPU training)
     max_failures: NonNeg = 1  # Ray Train restarts of a subject's worker, resuming from its last checkpoint
+    # Long-lived workers (distributed/pool.py): N > 0 trains the whole catalog on N Ray Train workers that load the
+    # frozen model once (one per GPU when gpus_per_subject > 0: each then takes a whole GPU); 0 = one Ray Train
+    # run per subject (`concurrency` at a time), the path every existing job file was written for.
+    workers: NonNeg = 0
+    pack: Pos = 4  # with workers > 0: subjects trained per step by each worker (packed; 1 = one at a time)
 
 
 @dataclass(config=_CONFIG)

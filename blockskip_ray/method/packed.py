@@ -383,8 +383,12 @@ def run_packed(trainer: PackedTrainer, subjects: Iterator[PackedSubject],
             if not math.isfinite(loss):
                 on_fail(name, f"non-finite loss {loss} at step {step}")
                 drop(name)
-            else:
+                continue
+            try:
                 on_step(name, step, loss, trainer)
+            except Exception as exc:  # e.g. its checkpoint could not be written: this subject fails alone
+                on_fail(name, f"{type(exc).__name__}: {exc}")
+                drop(name)
 
 
 def _skip_to(feats: Iterator[tuple[int, dict]], start: int) -> Iterator[tuple[int, dict]]:

@@ -93,3 +93,20 @@ def test_tables_written_before_job_id_and_timestamps_still_read(store):
         JobStatus(store, "old").update("a", started_at="yesterday")
     with pytest.raises(ValueError, match="of job 'x' given to job 'old'"):
         JobStatus(store, "old").set_many([{"subject_id": "a", "job_id": "x"}])
+
+
+def test_every_jobs_status_in_one_pyarrow_query(tmp_path):
+    """The query docs/jobs.md gives: every job's subjects and states from the compacted tables."""
+    import pyarrow.dataset as ds
+
+    from blockskip_ray.store import Store
+    store = Store.open(str(tmp_path / "store"))
+    for job, subjects in (("j-a", ["s1", "s2"]), ("j-b", ["s1"])):
+        js = JobStatus(store, job)
+        js.set_many([{"subject_id": s, "state": "succeeded", "finished_at": utc_now()} for s in subjects])
+        js.compact()
+    JobStatus(store, "j-c").update("s9", state="running")  # not compacted yet: only `blockskip status` sees it
+    table = ds.dataset(str(tmp_path / "store" / "jobs"), format="parquet",
+                       exclude_invalid_files=True).to_table(columns=["job_id", "subject_id", "state", "finished_at"])
+    rows = sorted((r["job_id"], r["subject_id"], r["state"]) for r in table.to_pylist())
+    assert rows == [("j-a", "s1", "succeeded"), ("j-a", "s2", "succeeded"), ("j-b", "s1", "succeeded")]

@@ -1,0 +1,80 @@
+"""Long-lived pool workers (ray.workers > 0): packed subjects give the adapters of lone runs, a failing subject
+fails alone, a killed worker is restarted and its subjects resume from their checkpoints."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from blockskip_ray.store import ADAPTER_FILE, JobStatus, Store
+
+_spec = importlib.util.spec_from_file_location("_jobs_tests", Path(__file__).parent / "test_jobs.py")
+_jt = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_jt)
+_catalog, _job, STEPS = _jt._catalog, _jt._job, _jt.STEPS
+ray_local, tiny = _jt.ray_local, _jt.tiny
+
+
+def _adapter(store: Path, sid: str) -> dict[str, torch.Tensor]:
+    return load_file(str(store / "subjects" / sid / "adapter" / ADAPTER_FILE))
+
+
+def _pool_job(tiny, root: Path, ids, **extra):
+    cat = _catalog(root, [{"id": i, "images": f"gen:{i}", "prompt": f"a photo of {i}"} for i in ids])
+    return _job(tiny, cat, root / "store", "pool", ray={"workers": 1, "pack": 2, "max_failures": 1},
+                samples={"num": 0}, keep_features=True, **extra)
+
+
+@pytest.fixture(scope="module")
+def pooled(tmp_path_factory, tiny, ray_local):
+    """3 good subjects and one whose training raises (BLOCKSKIP_FAULT raise), 1 worker packing 2."""
+    from blockskip_ray.distributed.jobs import run_job
+    root = tmp_path_factory.mktemp("pool")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("BLOCKSKIP_FAULT", "toy-f:3:raise")
+    job = _pool_job(tiny, root, ["toy-a", "toy-bb", "toy-ccc", "toy-f"])
+    try:
+        result = run_job(job, log=lambda m: None)
+    finally:
+        mp.undo()
+    return {"root": root, "store": root / "store", "job": job, "result": result}
+
+
+def test_pool_trains_every_subject_like_a_lone_run(pooled, tiny, tmp_path):
+    from blockskip_ray.method.lora import lora_state_dict, save_adapter
+    from blockskip_ray.method.stored import train_from_store
+    from blockskip_ray.distributed.training import subject_train_spec
+    r, store = pooled["result"], pooled["store"]
+    assert sorted(r.succeeded) == ["toy-a", "toy-bb", "toy-ccc"]
+    assert list(r.failed) == ["toy-f"] and "injected fault at step 3" in r.failed["toy-f"]
+    rows = {x["subject_id"]: x for x in JobStatus(Store.open(str(store)), "pool").read()}
+    assert {k: v["state"] for k, v in rows.items()} == {"toy-a": "succeeded", "toy-bb": "succeeded",
+                                                         "toy-ccc": "succeeded", "toy-f": "failed"}
+    assert rows["toy-f"]["stage"] == "train" and rows["toy-a"]["attempts"] == 1
+    for sid in r.succeeded:
+        m = r.metrics[sid]
+        assert len(m["loss"]) == STEPS and m["pool"] and m["pack"] == 2 and m["resumed_from_step"] is None
+        spec = subject_train_spec(pooled["job"], str(Path(tiny)), sid, f"a photo of {sid}", "", tuple(m["skip"]),
+                                  out=str(tmp_path / sid))
+        trainer, _, _ = train_from_store(spec, Store.open(str(store)), sid, torch.device("cpu"), log=lambda _: None)
+        save_adapter(tmp_path / sid, "flux", lora_state_dict(trainer.t), spec.optim.rank, spec.optim.alpha)
+        ref, got = load_file(str(tmp_path / sid / ADAPTER_FILE)), _adapter(store, sid)
+        assert ref.keys() == got.keys()
+        assert max((ref[k] - got[k]).abs().max().item() for k in ref) <= 1e-5
+        assert not (store / "subjects" / sid / "checkpoints" / "pool").exists()  # removed with the adapter
+
+
+def test_killed_worker_is_restarted_and_its_subjects_resume(pooled, tiny, tmp_path, monkeypatch):
+    from blockskip_ray.distributed.jobs import run_job
+    monkeypatch.setenv("BLOCKSKIP_FAULT", "toy-a:4:exit")  # the worker process dies before step 4 (last ckpt: 2)
+    result = run_job(_pool_job(tiny, tmp_path, ["toy-a", "toy-bb"]), log=lambda m: None)
+    assert sorted(result.succeeded) == ["toy-a", "toy-bb"], result.failed
+    assert result.metrics["toy-a"]["resumed_from_step"] == 2
+    for sid in ("toy-a", "toy-bb"):
+        ref, got = _adapter(pooled["store"], sid), _adapter(tmp_path / "store", sid)
+        assert max((ref[k] - got[k]).abs().max().item() for k in ref) <= 1e-5
+    rows = {x["subject_id"]: x for x in JobStatus(Store.open(str(tmp_path / "store")), "pool").read()}
+    assert rows["toy-a"]["state"] == "succeeded" and rows["toy-a"]["attempts"] == 2  # leased again after the restart
