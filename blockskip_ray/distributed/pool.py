@@ -182,6 +182,9 @@ def _save_checkpoint(store: Store, tr, sid: str, losses: list[float], work: Path
     for name in ("state.safetensors", "meta.json", "losses.json"):
         store.write_bytes(f"{prefix}/{name}", (d / name).read_bytes())
     store.write_json(f"subjects/{sid}/{CKPT}/latest.json", {"step": step, "prefix": prefix})
+    for old in {k.rsplit("/", 2)[-2] for k in store.list(f"subjects/{sid}/{CKPT}") if "/step-" in k}:
+        if old != f"step-{step:06d}":  # only the latest is ever resumed from: keep the footprint at one
+            store.delete_prefix(f"subjects/{sid}/{CKPT}/{old}")
     shutil.rmtree(d, ignore_errors=True)
 
 

@@ -78,3 +78,34 @@ def test_killed_worker_is_restarted_and_its_subjects_resume(pooled, tiny, tmp_pa
         assert max((ref[k] - got[k]).abs().max().item() for k in ref) <= 1e-5
     rows = {x["subject_id"]: x for x in JobStatus(Store.open(str(tmp_path / "store")), "pool").read()}
     assert rows["toy-a"]["state"] == "succeeded" and rows["toy-a"]["attempts"] == 2  # leased again after the restart
+
+
+def test_pool_keys_are_checked():
+    from blockskip_ray.distributed.jobspec import load_spec
+    base = {"job_id": "j", "model": "tiny:flux"}
+    spec = load_spec(base)
+    assert (spec.ray.workers, spec.ray.pack, spec.keep_features) == (0, 4, False)  # the per-subject path
+    for bad in ({"ray": {"workers": -1}}, {"ray": {"pack": 0}}, {"keep_features": "yes"}):
+        with pytest.raises(ValueError):
+            load_spec({**base, **bad})
+
+
+def test_checkpoints_keep_only_the_latest(tmp_path, tiny):
+    """_save_checkpoint writes step-N + latest.json, drops the older step, and _load_checkpoint reads it back."""
+    from blockskip_ray.distributed.pool import _load_checkpoint, _save_checkpoint
+    from blockskip_ray.method.modes import get_mode
+    from blockskip_ray.method.packed import PackedTrainer
+    from blockskip_ray.method.trainer import OptimConfig
+    from blockskip_ray.models.loading import load_kept_transformer
+    store = Store.open(str(tmp_path / "store"))
+    t, st = load_kept_transformer(tiny, [0, 1, 7, 8])
+    tr = PackedTrainer(t, st, (2, 2), get_mode("blockskip"), OptimConfig(rank=4), slots=1)
+    tr.add("s", 0)
+    tr.slots[0].steps = 2
+    _save_checkpoint(store, tr, "s", [1.0, 0.9], tmp_path / "w")
+    tr.slots[0].steps = 4
+    _save_checkpoint(store, tr, "s", [1.0, 0.9, 0.8, 0.7], tmp_path / "w")
+    assert sorted({k.split("/")[4] for k in store.list("subjects/s/checkpoints/pool") if "/step-" in k}) == ["step-000004"]
+    d, losses = _load_checkpoint(store, "s", tmp_path / "back")
+    assert losses == [1.0, 0.9, 0.8, 0.7] and (d / "state.safetensors").is_file()
+    assert _load_checkpoint(store, "other", tmp_path / "none") == (None, [])
