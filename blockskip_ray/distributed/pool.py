@@ -6,7 +6,7 @@ training `ray.pack` of them per step (method/packed.run_packed: a finished or fa
 for the next). Everything the per-subject path gives stays:
 - artifacts: the worker writes plan, metrics, samples and the adapter (last) to the store, as training.py does;
 - status: workers only report to the queue; the driver (single writer of the status table) drains it;
-- checkpoints: every `checkpoint_every` steps, `subjects/{id}/checkpoints/pool/` (PackedTrainer's files, the
+- checkpoints: every `checkpoint_every` steps, `subjects/{id}/checkpoints/pool-{job_id}/` (PackedTrainer's files, the
   SkipTrainer format, + losses.json); a subject resumes from it exactly (its features, plan and LoRA init are
   pure functions of the subject and the config);
 - failure isolation: bad data or a non-finite loss fails that subject with its reason; the worker goes on;
@@ -34,7 +34,11 @@ from ray.train.torch import TorchTrainer
 from ..store import Store
 from .jobspec import JobSpec
 
-CKPT = "checkpoints/pool"
+
+
+def ckpt_prefix(sid: str, job_id: str) -> str:
+    """Per subject and job (like the per-subject path's Ray Train run name): another job never resumes it."""
+    return f"subjects/{sid}/checkpoints/pool-{job_id}"
 
 
 @ray.remote(num_cpus=0)
@@ -132,7 +136,7 @@ def pool_loop(cfg: dict[str, Any]) -> None:
         st["losses"].append(loss)
         every = st["spec"].checkpoint_every
         if every and tr.steps(sid) % every == 0 and tr.steps(sid) < st["spec"].steps:
-            _save_checkpoint(store, tr, sid, st["losses"], work / sid)
+            _save_checkpoint(store, tr, sid, cfg["job_id"], st["losses"], work / sid)
 
     def on_done(sid: str, tr: PackedTrainer) -> None:
         st = state.pop(sid)
@@ -160,7 +164,7 @@ def _open_subject(cfg, base, store: Store, item: dict, work: Path):
     spec = replace(base, subject_id=sid, prompt=item["prompt"], out=str(work / "out"))
     spec.images = _materialize_images(item["images"], work / "images")
     _, images, plan, skip = prepare(spec, log=lambda m: None)
-    ckpt, losses = _load_checkpoint(store, sid, work / "ckpt")
+    ckpt, losses = _load_checkpoint(store, sid, cfg["job_id"], work / "ckpt")
     start = len(losses)
     text, feats = _features(spec, store, images, plan, skip, _device_of(spec), start)
     return spec, plan, text, feats, ckpt, losses
@@ -172,25 +176,25 @@ def _device_of(spec):
     return pick_device(spec.device)
 
 
-def _save_checkpoint(store: Store, tr, sid: str, losses: list[float], work: Path) -> None:
+def _save_checkpoint(store: Store, tr, sid: str, job_id: str, losses: list[float], work: Path) -> None:
     """PackedTrainer's checkpoint + losses into the store; `latest.json` last, so it only names complete ones."""
     step = tr.steps(sid)
     d = work / f"ckpt-out-{step}"
     tr.save_checkpoint(sid, d)
     (d / "losses.json").write_text(json.dumps(losses))
-    prefix = f"subjects/{sid}/{CKPT}/step-{step:06d}"
+    prefix = f"{ckpt_prefix(sid, job_id)}/step-{step:06d}"
     for name in ("state.safetensors", "meta.json", "losses.json"):
         store.write_bytes(f"{prefix}/{name}", (d / name).read_bytes())
-    store.write_json(f"subjects/{sid}/{CKPT}/latest.json", {"step": step, "prefix": prefix})
-    for old in {k.rsplit("/", 2)[-2] for k in store.list(f"subjects/{sid}/{CKPT}") if "/step-" in k}:
+    store.write_json(f"{ckpt_prefix(sid, job_id)}/latest.json", {"step": step, "prefix": prefix})
+    for old in {k.rsplit("/", 2)[-2] for k in store.list(f"{ckpt_prefix(sid, job_id)}") if "/step-" in k}:
         if old != f"step-{step:06d}":  # only the latest is ever resumed from: keep the footprint at one
-            store.delete_prefix(f"subjects/{sid}/{CKPT}/{old}")
+            store.delete_prefix(f"{ckpt_prefix(sid, job_id)}/{old}")
     shutil.rmtree(d, ignore_errors=True)
 
 
-def _load_checkpoint(store: Store, sid: str, dest: Path) -> tuple[Path | None, list[float]]:
+def _load_checkpoint(store: Store, sid: str, job_id: str, dest: Path) -> tuple[Path | None, list[float]]:
     try:
-        latest = store.read_json(f"subjects/{sid}/{CKPT}/latest.json")
+        latest = store.read_json(f"{ckpt_prefix(sid, job_id)}/latest.json")
     except FileNotFoundError:
         return None, []
     dest.mkdir(parents=True, exist_ok=True)
@@ -223,7 +227,7 @@ def _finish_subject(cfg, store: Store, tr, sid: str, st: dict, work: Path, devic
     samples = _eval_images(spec, device, eval_prompts) if cfg["eval"] and eval_prompts else []
     samples += sample_images(spec, device) if spec.num_samples else []
     _upload(store, sid, out, samples, metrics)
-    store.delete_prefix(f"subjects/{sid}/{CKPT}")
+    store.delete_prefix(ckpt_prefix(sid, cfg["job_id"]))
     shutil.rmtree(work, ignore_errors=True)
     return metrics
 

@@ -64,7 +64,8 @@ def test_pool_trains_every_subject_like_a_lone_run(pooled, tiny, tmp_path):
         ref, got = load_file(str(tmp_path / sid / ADAPTER_FILE)), _adapter(store, sid)
         assert ref.keys() == got.keys()
         assert max((ref[k] - got[k]).abs().max().item() for k in ref) <= 1e-5
-        assert not (store / "subjects" / sid / "checkpoints" / "pool").exists()  # removed with the adapter
+        from blockskip_ray.distributed.pool import ckpt_prefix
+        assert not Store.open(str(store)).list(ckpt_prefix(sid, "pool"))  # removed once the adapter is written
 
 
 def test_killed_worker_is_restarted_and_its_subjects_resume(pooled, tiny, tmp_path, monkeypatch):
@@ -102,10 +103,10 @@ def test_checkpoints_keep_only_the_latest(tmp_path, tiny):
     tr = PackedTrainer(t, st, (2, 2), get_mode("blockskip"), OptimConfig(rank=4), slots=1)
     tr.add("s", 0)
     tr.slots[0].steps = 2
-    _save_checkpoint(store, tr, "s", [1.0, 0.9], tmp_path / "w")
+    _save_checkpoint(store, tr, "s", "j", [1.0, 0.9], tmp_path / "w")
     tr.slots[0].steps = 4
-    _save_checkpoint(store, tr, "s", [1.0, 0.9, 0.8, 0.7], tmp_path / "w")
-    assert sorted({k.split("/")[4] for k in store.list("subjects/s/checkpoints/pool") if "/step-" in k}) == ["step-000004"]
-    d, losses = _load_checkpoint(store, "s", tmp_path / "back")
+    _save_checkpoint(store, tr, "s", "j", [1.0, 0.9, 0.8, 0.7], tmp_path / "w")
+    assert sorted({k.split("/")[4] for k in store.list("subjects/s/checkpoints/pool-j") if "/step-" in k}) == ["step-000004"]
+    d, losses = _load_checkpoint(store, "s", "j", tmp_path / "back")
     assert losses == [1.0, 0.9, 0.8, 0.7] and (d / "state.safetensors").is_file()
-    assert _load_checkpoint(store, "other", tmp_path / "none") == (None, [])
+    assert _load_checkpoint(store, "other", "j", tmp_path / "none") == (None, [])
