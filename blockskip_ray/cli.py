@@ -14,7 +14,7 @@ import sys
 COMMANDS = {
     "init-model": "write a tiny random FLUX or SANA pipeline (no downloads)",
     "train": "train one subject's block-skipped LoRA on one device",
-    "demo": "run the whole pipeline on a tiny model with synthetic subjects (local Ray, CPU)",
+    "demo": "run the whole pipeline on the pretrained toy model with 3 held-out toy subjects (local Ray, CPU)",
     "estimate": "peak training memory and TFLOPs of one step at full scale, without weights",
     "select": "measure the skip table (ratio -> n*, m*) of a model with masking probes on Ray",
     "eval": "score an adapter: DINO, CLIP-I, CLIP-T against the subject's reference images",

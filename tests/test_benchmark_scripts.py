@@ -68,3 +68,18 @@ def test_serve_abuse_benchmark_prints_every_scenario():
     assert re.fullmatch(r"(401 \d+ B [\d.]+ s, ){2}401 \d+ B [\d.]+ s",
                         rows["3 x unauthenticated 10.7 MB body (1 MB sent): status, answer bytes, seconds"]), out
     assert "command: PYTHONPATH=$PWD python benchmarks/serve_abuse.py" in out
+
+
+def test_status_bookkeeping_benchmark_prints_both_schemes():
+    out = _run("status_bookkeeping.py", "--subjects", "40", "--http-sample", "10", "--old-sample", "3",
+               "--compact-every", "20", timeout=300)
+    assert re.search(r"^HTTP requests per change through the counting proxy .*: [\d.]+ ", out, flags=re.M), out
+    for row in ("events + compaction (now)", "rewrite whole table (before)"):
+        assert re.search(rf"^{re.escape(row)}\s+[\d.]+\s+[\d,]+\s+[\d.]+\s+[\d.]+", out, flags=re.M), (row, out)
+
+
+def test_packed_step_benchmark_prints_a_row_per_k():
+    out = _run("packed_step.py", "--dim", "64", "--resolution", "64", "--text-tokens", "16", "--ks", "1,2",
+               "--steps", "1", timeout=300)
+    rows = re.findall(r"^\s+(\d+)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", out, flags=re.M)
+    assert rows == ["1", "2"], out

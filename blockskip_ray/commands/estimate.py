@@ -1,12 +1,10 @@
 """`blockskip estimate`: full-scale training memory and TFLOPs per step, traced on fake tensors (no weights)."""
 from __future__ import annotations
 
-from .train import parse_skip
-
 import argparse
 import json
 
-
+from .train import parse_skip
 
 _skip = parse_skip  # one --skip parser for every command
 
@@ -38,6 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint every kept block")
     p.add_argument("--target", default="cuda", choices=["cuda", "cpu"], help="which run to model: cuda "
                    "(bf16 weights + autocast, default) or the trainer's CPU run (fp32)")
+    p.add_argument("--subjects", type=int, default=None, metavar="K", help="also model a packed step of K "
+                   "subjects sharing one copy of the frozen weights (traces batch 1 and 2; see plan_cost/packed.py)")
+    p.add_argument("--fit-gb", type=float, default=None, metavar="GB", help="with --subjects: how many subjects "
+                   "fit a GPU of GB (1e9 bytes) today (one process each) and packed")
+    p.add_argument("--reserve-gib", type=float, default=1.0, help="with --fit-gb: memory per process for the "
+                   "CUDA context and fragmentation (default 1.0)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
@@ -45,11 +49,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..plan_cost.estimate import EstimateSpec, estimate  # here, not at the top: keeps `--help` fast
 
-    result = estimate(EstimateSpec(
+    spec = EstimateSpec(
         model=args.model, resolution=args.resolution, skip=args.skip, skip_ratio=args.skip_ratio, mode=args.mode,
         rank=args.rank, lora_targets=args.lora_targets, batch_size=args.batch_size, text_tokens=args.text_tokens,
-        gradient_checkpointing=args.gradient_checkpointing, target=args.target))
-    print(json.dumps(result, indent=1) if args.json else format_table(result))
+        gradient_checkpointing=args.gradient_checkpointing, target=args.target)
+    if args.subjects is None:
+        if args.fit_gb is not None:
+            raise ValueError("--fit-gb needs --subjects K")
+        result = estimate(spec)
+        print(json.dumps(result, indent=1) if args.json else format_table(result))
+        return 0
+    from ..plan_cost.packed import estimate_packed, format_packed
+
+    result = estimate_packed(spec, args.subjects, args.fit_gb, args.reserve_gib)
+    print(json.dumps(result, indent=1) if args.json else "\n".join([format_table(result), *format_packed(result)]))
     return 0
 
 

@@ -26,6 +26,7 @@ def read_progress(store, subject_id: str) -> dict | None:
         return None
 
 
+
 def format_progress(subject_id: str, p: dict) -> str:
     loss = "" if p.get("loss") is None else f", loss {p['loss']:.4f}"
     eta = "" if p.get("eta_s") is None else f", ETA {p['eta_s']:.0f} s"
@@ -33,7 +34,8 @@ def format_progress(subject_id: str, p: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..store.status import JobStatus
+    from ..store.lease import describe_driver
+    from ..store.status import JobStatus, jsonable
     from ..store.uri import Store
 
     store = Store.open(args.store)
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     running = {r["subject_id"]: read_progress(store, r["subject_id"]) for r in rows if r["state"] == "running"}
     if args.json:
         print(json.dumps([r | ({"progress": running[r["subject_id"]]} if r["subject_id"] in running else {})
-                          for r in rows], indent=1, default=str))
+                          for r in jsonable(rows)], indent=1))
         return 0
     if not rows:
         raise FileNotFoundError(f"job {args.job_id}: no status table in {args.store}")
@@ -51,8 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if lines:
         print("training:")
         print("\n".join(lines))
-    from ..store.lease import describe_driver
-    driver = describe_driver(status.store, args.job_id)  # finished / exited: SIGTERM / died without closing
+    driver = describe_driver(store, args.job_id)  # finished / exited: SIGTERM / died without closing
     if driver:
         print(driver)
     return 0

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..method.catalog import Subject, load_catalog
-from ..store import ADAPTER_FILE, JobStatus, Store, validate_id
+from ..store import ADAPTER_FILE, JobStatus, Store, delete_features, validate_id
 from ..store.lease import DEFAULT_TTL_S, Lease, write_driver_record
 from ..store.status import STATES, utc_now
 from .jobspec import JobSpec, check_model
@@ -208,9 +208,7 @@ class Progress:
             if self.frozen:
                 return
             row = self.status.update(sid, **fields)
-            counts = {s: 0 for s in STATES}
-            for r in self.status.read():
-                counts[r["state"]] += 1
+            counts = self.status.counts()  # kept by the writer: no store read per change
             tail = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
             why = f": {row['error']}" if row["state"] == "failed" and row["error"] else ""
             self.log(f"[{self.job_id}] {sid}: {row['state']} ({row['stage']}){why}  [{tail}]")
@@ -387,8 +385,7 @@ def _run_stages(job: JobSpec, store: Store, status: JobStatus, result: JobResult
 
         def one(s: Subject) -> None:
             check_lease()
-            prev = status.read()
-            attempts = next((r["attempts"] for r in prev if r["subject_id"] == s.id), 0) + 1
+            attempts = (status.get(s.id) or {}).get("attempts", 0) + 1
             progress.set(s.id, stage="train", state="running", error=None, attempts=attempts, finished_at=None)
             spec = subject_train_spec(job, model_dir, s.id, s.prompt, "", skip, out="")
             try:
@@ -399,16 +396,40 @@ def _run_stages(job: JobSpec, store: Store, status: JobStatus, result: JobResult
                 result.failed[s.id] = reason
                 return
             progress.set(s.id, stage="done", state="succeeded", error=None, finished_at=utc_now())
+            if not job.keep_features:  # the adapter is written: its features are no longer needed
+                delete_features(store, s.id)
             result.succeeded.append(s.id)
             result.metrics[s.id] = metrics
 
-        pool = ThreadPoolExecutor(max_workers=job.ray.concurrency, thread_name_prefix="subject")
-        try:
-            list(pool.map(one, todo))
-        except BaseException:
-            _shutdown_subjects(pool)
-            raise
-        pool.shutdown(wait=True)
+        if job.ray.workers:  # long-lived workers, packed subjects (distributed/pool.py)
+            from .pool import run_pool
+
+            def on_event(sid: str, kind: str, info: Any) -> None:
+                if kind == "running":
+                    check_lease()
+                    attempts = (status.get(sid) or {}).get("attempts", 0) + 1
+                    progress.set(sid, stage="train", state="running", error=None, attempts=attempts, finished_at=None)
+                elif kind == "succeeded":
+                    progress.set(sid, stage="done", state="succeeded", error=None, finished_at=utc_now())
+                    if not job.keep_features:
+                        delete_features(store, sid)
+                    result.succeeded.append(sid)
+                    result.metrics[sid] = info
+                else:
+                    stage, reason = info
+                    progress.set(sid, stage=stage, state="failed", error=reason, finished_at=utc_now())
+                    result.failed[sid] = reason
+
+            run_pool(job, store, model_dir, todo, skip, on_event, log)
+        else:
+            pool = ThreadPoolExecutor(max_workers=job.ray.concurrency, thread_name_prefix="subject")
+            try:
+                list(pool.map(one, todo))
+            except BaseException:
+                _shutdown_subjects(pool)
+                raise
+            pool.shutdown(wait=True)
+    status.compact()  # fold this run's status events into status.parquet
     for sid in result.skipped:
         try:
             result.metrics[sid] = store.read_json(f"subjects/{sid}/metrics.json")

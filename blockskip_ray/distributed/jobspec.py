@@ -74,6 +74,11 @@ class RaySection:
     cpus_per_subject: NonNegFloat = 1.0
     gpus_per_subject: NonNegFloat = 0.0  # fraction of a GPU per subject (0 = CPU training)
     max_failures: NonNeg = 1  # Ray Train restarts of a subject's worker, resuming from its last checkpoint
+    # Long-lived workers (distributed/pool.py): N > 0 trains the whole catalog on N Ray Train workers that load the
+    # frozen model once (one per GPU when gpus_per_subject > 0: each then takes a whole GPU); 0 = one Ray Train
+    # run per subject (`concurrency` at a time), the path every existing job file was written for.
+    workers: NonNeg = 0
+    pack: Pos = 4  # with workers > 0: subjects trained per step by each worker (packed; 1 = one at a time)
 
 
 @dataclass(config=_CONFIG)
@@ -112,6 +117,7 @@ class JobSpec:
     strict: StrictBool = False  # refuse the whole job when any catalog row is invalid
     overwrite: StrictBool = False  # retrain subjects that already have an adapter in the store from another job
     max_image_pixels: Pos = 4096 * 4096  # per-image pixel budget (header check before decoding; method/images.py)
+    keep_features: StrictBool = False  # keep a subject's precomputed features after its adapter is written
     train: TrainSection = field(default_factory=TrainSection)
     samples: SampleSection = field(default_factory=SampleSection)
     ray: RaySection = field(default_factory=RaySection)

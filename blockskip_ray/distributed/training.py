@@ -225,7 +225,9 @@ def train_loop(cfg: dict[str, Any]) -> None:
             "trainable_params": sum(p.numel() for p in trainer.params), "job_id": cfg["job_id"],
         }
         log(f"trained: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-        out = write_outputs(spec, family, trainer, metrics, plan)
+        from ..method.lora import lora_state_dict
+
+        out = write_outputs(spec, family, lora_state_dict(trainer.t), metrics, plan)
         del trainer, transformer
         try:
             # eval first: sample_images names its files sample_XX.png, the eval ones are renamed eval_XX.png

@@ -20,6 +20,7 @@ from ..models.loading import generation_kwargs, load_kept_transformer, load_pipe
 from .curves import PROGRESS_FILE, TrainingCurves, current_memory_bytes, file_sink, sample_grid
 from .features import FeatureComputer
 from .images import DEFAULT_MAX_PIXELS, load_images
+from .lora import lora_state_dict
 from .modes import check_skip, default_split, get_mode
 from .sampling import PlanConfig, build_plan
 from .trainer import OptimConfig, SkipTrainer
@@ -260,20 +261,21 @@ def _tensor_numels(files: dict[str, Path]) -> dict[str, int]:
     return out
 
 
-def write_outputs(spec: TrainSpec, family: str, trainer: SkipTrainer, metrics: dict, plan: list[dict]) -> Path:
-    """Adapter, plan and metrics; the adapter is written to a temp dir and renamed so it is never half there."""
+def write_outputs(spec: TrainSpec, family: str, lora_state: dict[str, torch.Tensor], metrics: dict,
+                  plan: list[dict]) -> Path:
+    """Adapter, plan and metrics; the adapter is written to a temp dir and renamed so it is never half there.
+    `lora_state` is the trained LoRA state dict (lora.lora_state_dict of a trainer, or one packed slot)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from .adapter_export import export_adapter
-    from .lora import lora_state_dict
 
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(plan), out / "plan.parquet")
     tmp = out / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    export_adapter(tmp, lora_state_dict(trainer.t), adapter_info(spec, family, tuple(metrics["skip"])))
+    export_adapter(tmp, lora_state, adapter_info(spec, family, tuple(metrics["skip"])))
     shutil.rmtree(out / "adapter", ignore_errors=True)
     tmp.rename(out / "adapter")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -327,7 +329,7 @@ def personalize(spec: TrainSpec, lookup=None, log: Callable[[str], None] = print
         log(f"plan: {len(plan)} steps, skip n={skip[0]} m={skip[1]}, mode {spec.mode}, device {device}")
         text, feats = precompute(spec, images, plan, skip, device)
         trainer, metrics = train(spec, skip, text, feats, device, ckpt, log)
-    write_outputs(spec, family, trainer, metrics, plan)
+    write_outputs(spec, family, lora_state_dict(trainer.t), metrics, plan)
     del trainer
     gc.collect()
     if spec.num_samples:

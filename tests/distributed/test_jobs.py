@@ -122,8 +122,9 @@ def test_catalog_validation_marks_bad_rows_failed_and_strict_refuses(tmp_path, t
     assert all(r["state"] == "failed" and r["stage"] == "validate" for r in rows.values())
     assert "invalid subject id" in rows["row-2"]["error"] and "duplicate id" in rows["row-3"]["error"]
     assert "does not exist" in rows["nodir"]["error"] and "not valid JSON" in rows["row-5"]["error"]
+    status.compact()
     assert list(store.read_table("jobs/j1/status.parquet").column_names) == [
-        "subject_id", "stage", "state", "error", "attempts", "started_at", "finished_at"]
+        "job_id", "subject_id", "stage", "state", "error", "attempts", "started_at", "finished_at"]
     strict = JobStatus(store, "j2")
     with pytest.raises(ValueError, match="4 invalid row"):
         validate_catalog(_job(tiny, cat, tmp_path / "store", "j2", strict=True), strict, cat, log=lambda m: None)
@@ -168,6 +169,11 @@ def test_bad_subject_fails_alone_and_exit_is_nonzero(reference, capsys):
     assert len(kept) == 2  # 3 saved (steps 2, 4, 6), pruned to train.keep_checkpoints (default 2)
     assert all((c / "manifest.json").is_file() for c in kept)
     assert not (store / "subjects" / "toy-bad" / "adapter").exists()
+    assert not (sub / "features").exists()  # deleted once the adapter was written (keep_features: false)
+    import pyarrow.parquet as pq
+    table = pq.read_table(store / "jobs" / "ref" / "status.parquet")  # compacted at the job's end
+    assert set(table.column("job_id").to_pylist()) == {"ref"} and not list((store / "jobs" / "ref").glob("status-events/*"))
+    assert str(table.schema.field("finished_at").type) == "timestamp[us, tz=UTC]"
     from blockskip_ray.commands import status as status_cmd
     assert status_cmd.run(argparse.Namespace(job_id="ref", store=str(store), json=False)) == 0
     out = capsys.readouterr().out
@@ -199,9 +205,10 @@ def test_worker_crash_retried_by_ray_train_resumes_exactly(reference, tiny, tmp_
     from blockskip_ray.distributed.jobs import run_job
     monkeypatch.setenv("BLOCKSKIP_FAULT", f"toy-a:{STEPS - 1}:exit")  # last checkpoint before the crash: step 4
     job = _job(tiny, _good_only(reference, tmp_path), tmp_path / "store", "retry",
-               ray={"max_failures": 1}, samples={"eval": True})
+               ray={"max_failures": 1}, samples={"eval": True}, keep_features=True)
     result = run_job(job, log=lambda m: None)
     assert result.succeeded == ["toy-a"], result.failed
+    assert (tmp_path / "store/subjects/toy-a/features/_COMMITTED").is_file()  # keep_features: true
     assert result.metrics["toy-a"]["resumed_from_step"] in (2, 4)
     ref, got = _adapter(reference["store"], "toy-a"), _adapter(tmp_path / "store", "toy-a")
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)

@@ -123,7 +123,9 @@ def test_layout_matches_design(s3_endpoint, s3_client, tmp_path):
     (ad / ADAPTER_FILE).write_bytes(b"lora")
     put_adapter(st, "toy-1", ad)
     st.write_json("subjects/toy-1/metrics.json", {"loss": [1.0]})
-    JobStatus(st, "job-7").update("toy-1", stage="train", state="succeeded")
+    js = JobStatus(st, "job-7")
+    js.update("toy-1", stage="train", state="succeeded")
+    js.compact()  # status events folded into status.parquet (and deleted)
     resp = s3_client.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/")
     keys = sorted(o["Key"][len(prefix) + 1:] for o in resp["Contents"])
     n_shards = st.read_json("subjects/toy-1/features/_COMMITTED")["num_shards"]

@@ -20,15 +20,18 @@ def test_status_upsert_and_format(store):
     js.update("toy-2", state="failed", error="CUDA out of memory\nat step 3", attempts=2)
     rows = js.read()
     assert [r["subject_id"] for r in rows] == ["toy-1", "toy-2"]
-    assert rows[0] == {"subject_id": "toy-1", "stage": "precompute", "state": "running", "error": None,
-                       "attempts": 1, "started_at": "2026-01-02T03:04:05+00:00", "finished_at": None}
+    assert rows[0] == {"job_id": "job-1", "subject_id": "toy-1", "stage": "precompute", "state": "running",
+                       "error": None, "attempts": 1,
+                       "started_at": dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc), "finished_at": None}
     assert rows[1]["stage"] == "plan" and rows[1]["state"] == "failed"
+    js.compact()
     table = store.read_table("jobs/job-1/status.parquet")
     assert tuple(table.column_names) == COLUMNS
+    assert str(table.schema.field("started_at").type) == "timestamp[us, tz=UTC]"
     text = js.format_table()
     assert "2 subjects" in text and "1 running" in text and "1 failed" in text
-    assert "CUDA out of memory at step 3" in text
-    for c in COLUMNS:
+    assert "CUDA out of memory at step 3" in text and "2026-01-02 03:04:05" in text
+    for c in COLUMNS[1:]:
         assert c in text
 
 
@@ -38,7 +41,7 @@ def test_set_many_keeps_the_fields_a_row_omits(store):
     js.set_many([{"subject_id": "toy-1", "state": "running", "error": None}, {"subject_id": "toy-2"}])
     a, b = js.read()
     assert (a["stage"], a["state"], a["error"], a["attempts"], a["started_at"]) == \
-        ("train", "running", None, 2, "1970-01-01T00:00:00+00:00")
+        ("train", "running", None, 2, dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc))
     assert (b["state"], b["attempts"]) == ("pending", 0)
     with pytest.raises(ValueError, match="state"):
         js.set_many([{"subject_id": "toy-2", "state": "running"}, {"subject_id": "toy-1", "state": "exploded"}])
