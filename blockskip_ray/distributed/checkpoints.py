@@ -70,8 +70,9 @@ def _earlier(ckpt: Checkpoint) -> list[Checkpoint]:
         infos = ckpt.filesystem.get_file_info(pafs.FileSelector(posixpath.dirname(path), allow_not_found=True))
     except OSError:
         return []
-    paths = sorted((i.path.rstrip("/") for i in infos if posixpath.basename(i.path).startswith("checkpoint_")
-                    and i.path.rstrip("/") < path), reverse=True)
+    paths = sorted((i.path.rstrip("/") for i in infos if i.type == pafs.FileType.Directory  # not Ray's snapshot
+                    and posixpath.basename(i.path).startswith("checkpoint_") and i.path.rstrip("/") < path),
+                   reverse=True)
     return [Checkpoint(path=p, filesystem=ckpt.filesystem) for p in paths]
 
 

@@ -165,7 +165,7 @@ def test_bad_subject_fails_alone_and_exit_is_nonzero(reference, capsys):
     assert sorted(p.name for p in (sub / "samples").glob("*.png")) == ["eval_00.png", "sample_00.png"]
     metrics = json.loads((sub / "metrics.json").read_text())
     assert len(metrics["loss"]) == STEPS and metrics["resumed_from_step"] is None
-    kept = sorted((sub / "checkpoints" / "ref-toy-a").glob("checkpoint_*"))
+    kept = sorted(d for d in (sub / "checkpoints" / "ref-toy-a").glob("checkpoint_*") if d.is_dir())  # not Ray's snapshot file
     assert len(kept) == 2  # 3 saved (steps 2, 4, 6), pruned to train.keep_checkpoints (default 2)
     assert all((c / "manifest.json").is_file() for c in kept)
     assert not (store / "subjects" / "toy-bad" / "adapter").exists()
@@ -243,7 +243,8 @@ def test_damaged_latest_checkpoint_resumes_from_the_previous_one_exactly(referen
     monkeypatch.setenv("BLOCKSKIP_FAULT", f"toy-a:{STEPS - 1}:raise")
     job = _job(tiny, _good_only(reference, tmp_path), tmp_path / "store", "damaged")
     assert "injected fault" in run_job(job, log=lambda m: None).failed["toy-a"]
-    ckpts = sorted((tmp_path / "store/subjects/toy-a/checkpoints/damaged-toy-a").glob("checkpoint_*"))
+    ckpts = sorted(d for d in (tmp_path / "store/subjects/toy-a/checkpoints/damaged-toy-a").glob("checkpoint_*")
+                   if d.is_dir())  # checkpoint_manager_snapshot.json is Ray's file, not a checkpoint
     assert len(ckpts) == 2  # steps 2 and 4
     state = load_file(str(ckpts[-1] / "state.safetensors"))
     key = next(k for k in state if k.startswith("lora/"))
