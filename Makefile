@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # On this CPU machine torch==2.13.0 is the local CPU build; on GPU machines set TORCH_SPEC to your CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-bench bench clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -18,6 +18,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# the benchmark scripts run end to end at small settings (about 4 minutes; CI runs it after `make test`)
+test-bench: setup
+	$(PY) -m pytest -q -m bench tests/test_benchmark_scripts.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

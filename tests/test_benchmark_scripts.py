@@ -11,6 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.bench  # `make test-bench` (CI runs it after `make test`)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -83,3 +87,15 @@ def test_packed_step_benchmark_prints_a_row_per_k():
                "--steps", "1", timeout=300)
     rows = re.findall(r"^\s+(\d+)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", out, flags=re.M)
     assert rows == ["1", "2"], out
+
+
+def test_fidelity_ablation_prints_every_configuration(tmp_path):
+    """benchmarks/fidelity.py (docs/fidelity.md) end to end on the shipped toy model at 2 steps: the probe,
+    every configuration of the table once, the scores from the toy metric models."""
+    out = _run("fidelity.py", "--subjects", "1", "--seeds", "0", "--steps", "2", "--sample-steps", "2",
+               "--probe-subjects", "6", "--out", str(tmp_path), timeout=900)
+    names = re.findall(r"^(\S.*?)\s+(?:-|\d+,\d+)\s+-?[\d.]+ ± [\d.]+", out, flags=re.M)
+    for row in ("base (no adapter)", "lora (full res)", "blockskip 30% default", "blockskip 50% probe",
+                "naive skip 50%", "resize 30% (no dyn. crop)", "skip first only 50%", "skip last only 50%"):
+        assert row in names, (row, out)
+    assert (tmp_path / "results.json").is_file() and (tmp_path / "probe.json").is_file()

@@ -231,6 +231,10 @@ def test_failed_subject_resumes_on_job_rerun_exactly(reference, tiny, tmp_path, 
     assert (row["state"], row["attempts"]) == ("succeeded", 2)
     ref, got = _adapter(reference["store"], "toy-a"), _adapter(tmp_path / "store", "toy-a")
     assert all(torch.equal(ref[k], got[k]) for k in ref)
+    # issue 13 item 4: the resumed run's adapter files are byte-identical to the uninterrupted run's
+    for name in (ADAPTER_FILE, "adapter_config.json"):
+        assert (tmp_path / "store/subjects/toy-a/adapter" / name).read_bytes() == \
+            (reference["store"] / "subjects/toy-a/adapter" / name).read_bytes(), name
 
 
 def test_damaged_latest_checkpoint_resumes_from_the_previous_one_exactly(reference, tiny, tmp_path, monkeypatch):

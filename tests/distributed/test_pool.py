@@ -65,6 +65,9 @@ def test_pool_trains_every_subject_like_a_lone_run(pooled, tiny, tmp_path):
         ref, got = load_file(str(tmp_path / sid / "adapter" / ADAPTER_FILE)), _adapter(store, sid)
         assert ref.keys() == got.keys()
         assert max((ref[k] - got[k]).abs().max().item() for k in ref) <= 1e-5
+        # the same self-description (metadata, peft config) as a lone run; the tensors agree to 1e-5, not bitwise
+        assert (tmp_path / sid / "adapter" / "adapter_config.json").read_bytes() == \
+            (store / "subjects" / sid / "adapter" / "adapter_config.json").read_bytes()
         from blockskip_ray.distributed.pool import ckpt_prefix
         assert not Store.open(str(store)).list(ckpt_prefix(sid, "pool"))  # removed once the adapter is written
 
