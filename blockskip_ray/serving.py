@@ -13,14 +13,16 @@ import tempfile
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .http_guard import check_bearer, token_digest  # noqa: F401 (re-exported)
 from .store import ADAPTER_FILE, Store, adapter_prefix, fetch_adapter
 from .store.ids import ID_PATTERN, is_valid_id, validate_id
+
+if TYPE_CHECKING:  # torch is imported where it is used: `blockskip serve --help` stays fast
+    import torch
 
 MAX_SEED = 2**63 - 1
 
@@ -155,6 +157,8 @@ def generate_image(pipe, job: Job, cancel: threading.Event | None = None, progre
         extra["use_resolution_binning"] = False  # answer exactly the size asked for
     if job.guidance is not None:
         extra["guidance_scale"] = job.guidance
+    import torch
+
     from .models.loading import generation_kwargs
     extra.update(generation_kwargs(pipe))  # e.g. the toy model's 16 text tokens
     g = torch.Generator("cpu").manual_seed(job.seed)
@@ -163,7 +167,9 @@ def generate_image(pipe, job: Job, cancel: threading.Event | None = None, progre
     return out.images[0]
 
 
-def pick_device_dtype(device: str = "auto") -> tuple[torch.device, torch.dtype]:
+def pick_device_dtype(device: str = "auto") -> tuple["torch.device", "torch.dtype"]:
+    import torch
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)

@@ -22,7 +22,8 @@ def _subparsers(parser):
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["status", "j", "--store", "{tmp}"], ["jobs", "--store", "{tmp}"],
-                                  ["train", "--help"], ["estimate", "--help"], ["demo", "--help"]])
+                                  ["train", "--help"], ["estimate", "--help"], ["demo", "--help"],
+                                  ["serve", "--help"], ["run", "--help"], ["submit", "--help"]])
 def test_start_imports_no_heavy_library(argv, tmp_path):
     """`blockskip --help` / `status` / `jobs` start in well under a second because they import none of these
     (measured: docs; here the cause is checked, not wall time)."""
