@@ -21,7 +21,7 @@ test: setup
 
 # the benchmark scripts run end to end at small settings (about 4 minutes; CI runs it after `make test`)
 test-bench: setup
-	$(PY) -m pytest -q -m bench tests/test_benchmark_scripts.py
+	$(PY) -m pytest -q -m bench
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

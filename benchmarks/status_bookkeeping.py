@@ -3,7 +3,9 @@
     PYTHONPATH=. python benchmarks/status_bookkeeping.py --subjects 10000
 
 No training: a driver-side `JobStatus` records what `run_job` records for every subject (one bulk row set
-at validation, then train running -> succeeded per subject, then the final compaction). The whole job runs
+at validation, then train running -> succeeded per subject, then the final compaction), written behind as
+the driver does (store/status.py: changes made while a PUT is in flight go into the next event), and, on a
+sample, synchronously (one PUT per change: what a change costs when changes are further apart than a PUT). The whole job runs
 against moto directly and counts the store operations (each is one S3 request for these small objects);
 its first `--http-sample` subjects run first through an HTTP proxy that counts the requests really sent,
 to check that count. Side by side, the previous scheme (read the whole status.parquet, rewrite it, read it
@@ -89,6 +91,8 @@ def main() -> int:
     ap.add_argument("--subjects", type=int, default=10_000)
     ap.add_argument("--compact-every", type=int, default=1000)
     ap.add_argument("--old-sample", type=int, default=50, help="changes timed under the previous scheme")
+    ap.add_argument("--sync-sample", type=int, default=1000, help="subjects whose changes are timed with the "
+                    "synchronous writer (one PUT per change)")
     ap.add_argument("--http-sample", type=int, default=200, help="subjects whose changes go through the "
                     "request-counting proxy")
     args = ap.parse_args()
@@ -129,7 +133,7 @@ def main() -> int:
         store = Store.open(f"s3://{BUCKET}/new", endpoint_url=endpoint)
         moved, ops = Bytes(store), Ops(store)
         ids = [f"s-{i:05d}" for i in range(args.subjects)]
-        js = JobStatus(store, "bench", compact_every=args.compact_every)
+        js = JobStatus(store, "bench", compact_every=args.compact_every, write_behind=True)  # as run_job
         t0 = time.perf_counter()
         js.set_many([{"subject_id": s, "stage": "precompute", "state": "running", "started_at": utc_now()}
                      for s in ids])
@@ -146,6 +150,19 @@ def main() -> int:
         reader = JobStatus(Store.open(f"s3://{BUCKET}/new", endpoint_url=endpoint), "bench").read()
         read_s = time.perf_counter() - t1
         assert len(reader) == args.subjects and all(r["state"] == "succeeded" for r in reader)
+
+        # the synchronous writer (one PUT per change), on a sample of subjects
+        sync = Store.open(f"s3://{BUCKET}/sync", endpoint_url=endpoint)
+        sync_ops = Ops(sync)
+        jsync = JobStatus(sync, "bench", compact_every=args.compact_every)
+        jsync.set_many([{"subject_id": s, "state": "running"} for s in ids])
+        sync_ops.n.clear()
+        t3 = time.perf_counter()
+        for s in ids[:args.sync_sample]:
+            jsync.update(s, stage="train", state="running", attempts=1)
+            jsync.update(s, stage="done", state="succeeded", finished_at=utc_now())
+        sync_s = (time.perf_counter() - t3) / (2 * args.sync_sample)
+        sync_req = sync_ops.total / (2 * args.sync_sample)
 
         # the previous scheme, on a sample of changes against a table of the same size
         old = Store.open(f"s3://{BUCKET}/old", endpoint_url=endpoint)
@@ -171,16 +188,18 @@ def main() -> int:
 
     print(f"machine: {platform.node()} ({os.cpu_count()} CPUs), python {platform.python_version()}, moto S3 server "
           f"on 127.0.0.1; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print(f"HTTP requests per change through the counting proxy ({args.http_sample} subjects, "
+    print(f"HTTP requests per change through the counting proxy, synchronous writer ({args.http_sample} subjects, "
           f"{2 * args.http_sample} changes): {http_per_change:.2f} {dict(sorted(by_method.items()))}")
     print(f"subjects {args.subjects}, state changes {changes} (bulk validate + running + succeeded each), "
           f"compact_every {args.compact_every}")
     print(f"{'scheme':<34}{'store ops/change':>16}{'bytes/change':>14}{'s/change':>11}{'job total (s)':>15}")
-    print(f"{'events + compaction (now)':<34}{requests / changes:>16.2f}"
-          f"{(moved.read + moved.written) / changes:>14,.0f}{wall / changes:>11.4f}{wall:>15.1f}")
+    print(f"{'events, written behind (now)':<34}{requests / changes:>16.3f}"
+          f"{(moved.read + moved.written) / changes:>14,.0f}{wall / changes:>11.5f}{wall:>15.1f}")
+    print(f"{'events, synchronous':<34}{sync_req:>16.3f}{'':>14}{sync_s:>11.5f}{sync_s * changes:>15.1f}"
+          f"  (extrapolated from {2 * args.sync_sample} changes)")
     print(f"{'rewrite whole table (before)':<34}{old_req:>16.2f}{old_b:>14,.0f}{old_s:>11.4f}"
           f"{old_s * changes:>15.1f}  (extrapolated from {args.old_sample} changes)")
-    print(f"store operations (now): {dict(sorted(ops.n.items()))}")
+    print(f"store operations (written behind): {dict(sorted(ops.n.items()))}")
     print(f"a fresh reader (table + pending events) read all {args.subjects} rows in {read_s:.2f} s")
     print(f"bytes per change, before / now: {old_b / max(1.0, (moved.read + moved.written) / changes):.0f}x")
     return 0

@@ -76,10 +76,11 @@ def test_serve_abuse_benchmark_prints_every_scenario():
 
 def test_status_bookkeeping_benchmark_prints_both_schemes():
     out = _run("status_bookkeeping.py", "--subjects", "40", "--http-sample", "10", "--old-sample", "3",
-               "--compact-every", "20", timeout=300)
-    assert re.search(r"^HTTP requests per change through the counting proxy .*: [\d.]+ ", out, flags=re.M), out
-    for row in ("events + compaction (now)", "rewrite whole table (before)"):
+               "--sync-sample", "5", "--compact-every", "20", timeout=300)
+    assert re.search(r"^HTTP requests per change through the counting proxy.*: [\d.]+ ", out, flags=re.M), out
+    for row in ("events, written behind (now)", "rewrite whole table (before)"):
         assert re.search(rf"^{re.escape(row)}\s+[\d.]+\s+[\d,]+\s+[\d.]+\s+[\d.]+", out, flags=re.M), (row, out)
+    assert re.search(r"^events, synchronous\s+[\d.]+\s+[\d.]+\s+[\d.]+", out, flags=re.M), out
 
 
 def test_packed_step_benchmark_prints_a_row_per_k():

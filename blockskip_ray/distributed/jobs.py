@@ -286,7 +286,7 @@ def run_job(job: JobSpec, log: Log = _stderr, lease_ttl_s: float = DEFAULT_TTL_S
     final state goes to jobs/{job_id}/driver.json and the lease is released."""
     t0 = time.perf_counter()
     store = Store.open(job.store)
-    status = JobStatus(store, job.job_id)
+    status = JobStatus(store, job.job_id, write_behind=True)  # a change never waits for the store (store/status.py)
     result = JobResult(job.job_id)
     model_dir = result.model_dir = resolve_model(job, log)
     explicit = check_model(job, model_dir)  # before Ray, selection, the lease or any status row
@@ -300,12 +300,14 @@ def run_job(job: JobSpec, log: Log = _stderr, lease_ttl_s: float = DEFAULT_TTL_S
         write_driver_record(store, job.job_id, "running", started_at=started)
         with _exit_signals():
             _run_stages(job, store, status, result, model_dir, explicit, progress, lease, log)
+            status.flush()  # no-op after the stages' compaction; covers every return path
         state = "finished"
     except BaseException as e:
         state, reason = exit_reason(e, lease.lost)
         progress.frozen = True  # subject threads still unwinding must not reopen a row
         try:
             close_running(status, reason, log)
+            status.compact()  # every change written and folded before the driver goes
         except Exception as close_error:  # noqa: BLE001 - keep the original exception; say what is left
             log(f"[{job.job_id}] could not close the running rows ({close_error}); `blockskip status` shows "
                 f"the driver as ended")

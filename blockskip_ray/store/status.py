@@ -12,6 +12,11 @@ DeleteObjects per 1000). A change thus costs one PUT, plus about 3 / compact_eve
 of subjects, where rewriting the table on every change was O(N) per change and O(N^2) per job.
 A reader (``blockskip status``, another process) reads the table, then the events after its
 ``events_through``; when a compaction ran in between (an event it needs is gone), it reads again.
+
+The job driver writes behind (``write_behind=True``): a change updates the in-memory table at once and a
+background thread PUTs the changes made since its last PUT as one event, so a change never waits for the
+store and a burst of changes costs one request (at most one per change). `flush`/`compact` wait for the
+writes; a write that fails (after the store's retry budget) is raised to the next caller and retried.
 """
 
 from __future__ import annotations
@@ -104,7 +109,7 @@ def jsonable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class JobStatus:
     """Read and upsert the status rows of one job (driver = single writer)."""
 
-    def __init__(self, store: Store, job_id: str, compact_every: int = 1000) -> None:
+    def __init__(self, store: Store, job_id: str, compact_every: int = 1000, write_behind: bool = False) -> None:
         if compact_every < 1:
             raise ValueError(f"compact_every must be >= 1, got {compact_every}")
         self.job_id = validate_id(job_id, kind="job id")
@@ -117,6 +122,12 @@ class JobStatus:
         self._seq = -1  # last event written or folded in
         self._unfolded: list[str] = []  # event keys not yet folded into status.parquet
         self._counts: dict[str, int] | None = None  # the writer's subjects per state
+        self.write_behind = write_behind
+        self._pending: dict[str, dict[str, Any]] = {}  # write-behind: changed rows not yet in an event
+        self._writing = False  # write-behind: the flusher is PUTting an event (lock released meanwhile)
+        self._error: BaseException | None = None  # write-behind: the last failed write, for the next caller
+        self._flusher: threading.Thread | None = None
+        self._done = threading.Condition(self._lock)
 
     # ------------------------------------------------------------------ reading
     def _load(self) -> tuple[dict[str, dict[str, Any]], int, list[str]]:
@@ -191,6 +202,7 @@ class JobStatus:
                 raise ValueError(f"status row without subject_id: {r!r}")
             validate_id(r["subject_id"])
         with self._lock:
+            self._raise_failed_write()
             self._writer()
             changed = {}
             for r in rows:  # validate everything before writing anything
@@ -198,22 +210,83 @@ class JobStatus:
                 changed[sid] = _norm_row({**changed.get(sid, self._rows.get(sid, {})), **r}, self.job_id)
             if not changed:
                 return self._rows
-            key = f"{self.events}/{self._seq + 1:012d}.json"
-            self.store.write_bytes(key, json.dumps({"rows": jsonable(list(changed.values()))}).encode())
-            self._seq += 1
-            self._unfolded.append(key)
+            if self.write_behind:
+                self._pending.update(changed)
+                self._start_flusher()
+            else:
+                self._write_event(changed)
             for sid, row in changed.items():
                 if sid in self._rows:
                     self._counts[self._rows[sid]["state"]] -= 1
                 self._counts[row["state"]] += 1
             self._rows.update(changed)
-            if len(self._unfolded) >= self.compact_every:
+            if not self.write_behind and len(self._unfolded) >= self.compact_every:
                 self._compact()
             return self._rows
 
+    def _write_event(self, changed: dict[str, dict[str, Any]]) -> None:
+        key = f"{self.events}/{self._seq + 1:012d}.json"
+        self.store.write_bytes(key, json.dumps({"rows": jsonable(list(changed.values()))}).encode())
+        self._seq += 1
+        self._unfolded.append(key)
+
+    # ------------------------------------------------------------------ write-behind
+    def _raise_failed_write(self) -> None:
+        if self._error is not None:  # the changes stay pending: the next call starts the flusher again
+            e, self._error = self._error, None
+            raise OSError(f"status of job {self.job_id}: writing a status event failed ({type(e).__name__}: "
+                          f"{e}); the changes are kept and written with the next one") from e
+
+    def _start_flusher(self) -> None:
+        if self._flusher is None or not self._flusher.is_alive():
+            self._flusher = threading.Thread(target=self._flush_loop, name=f"status-{self.job_id}", daemon=True)
+            self._flusher.start()
+        self._done.notify_all()
+
+    def _flush_loop(self) -> None:
+        with self._lock:
+            while self._pending:
+                batch, self._pending, self._writing = self._pending, {}, True
+                self._lock.release()  # callers go on changing rows (into _pending) while this PUT runs
+                try:
+                    key = f"{self.events}/{self._seq + 1:012d}.json"  # only this thread moves _seq now
+                    self.store.write_bytes(key, json.dumps({"rows": jsonable(list(batch.values()))}).encode())
+                    failed = None
+                except BaseException as e:  # noqa: BLE001 - handed to the next caller
+                    failed = e
+                finally:
+                    self._lock.acquire()
+                    self._writing = False
+                    self._done.notify_all()
+                if failed is not None:
+                    self._pending = {**batch, **self._pending}  # newer changes win
+                    self._error = failed
+                    break
+                self._seq += 1
+                self._unfolded.append(key)
+                if len(self._unfolded) >= self.compact_every:
+                    try:
+                        self._compact()
+                    except Exception as e:  # noqa: BLE001 - the events are written; compaction is retried
+                        self._error = e
+                        break
+            self._done.notify_all()
+
+    def flush(self) -> None:
+        """Wait until every change is in the store (write-behind); raise the write that failed, if one did."""
+        with self._lock:
+            while (self._pending or self._writing) and self._error is None:
+                if not self._writing and (self._flusher is None or not self._flusher.is_alive()):
+                    self._start_flusher()
+                self._done.wait(timeout=1.0)
+            self._raise_failed_write()
+
     def compact(self) -> None:
         """Fold the pending events into status.parquet and delete them (the job's end calls this)."""
+        self.flush()
         with self._lock:
+            while self._writing:  # an event in flight must not land after the table's events_through
+                self._done.wait()
             self._writer()
             if self._unfolded or not self.store.exists(self.key):
                 self._compact()

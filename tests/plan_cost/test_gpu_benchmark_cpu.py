@@ -4,6 +4,10 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.bench  # a benchmark script's smoke test: `make test-bench`
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_flux_memory.py"
 
 

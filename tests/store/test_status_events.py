@@ -110,3 +110,70 @@ def test_every_jobs_status_in_one_pyarrow_query(tmp_path):
                        exclude_invalid_files=True).to_table(columns=["job_id", "subject_id", "state", "finished_at"])
     rows = sorted((r["job_id"], r["subject_id"], r["state"]) for r in table.to_pylist())
     assert rows == [("j-a", "s1", "succeeded"), ("j-a", "s2", "succeeded"), ("j-b", "s1", "succeeded")]
+
+
+class _Gate:
+    """Wraps a store: write_bytes of status events blocks until released, or fails while `fail` is set."""
+
+    def __init__(self, store) -> None:
+        import threading
+        self.store, self.open, self.fail, self.events = store, threading.Event(), False, 0
+        self.open.set()
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def write_bytes(self, key, data):
+        if "/status-events/" in key:
+            self.open.wait(10)
+            if self.fail:
+                raise OSError("injected: store unreachable")
+            self.events += 1
+        return self.store.write_bytes(key, data)
+
+
+def test_write_behind_coalesces_a_burst_and_readers_see_every_change_after_flush(store):
+    gate = _Gate(store)
+    w = JobStatus(gate, "wb", compact_every=1000, write_behind=True)
+    gate.open.clear()  # the first PUT blocks: every change made meanwhile goes into the next event
+    for i in range(50):
+        w.update(f"s{i:02d}", state="running", attempts=1)
+    for i in range(50):
+        w.update(f"s{i:02d}", state="succeeded")
+    assert w.counts()["succeeded"] == 50  # the writer's own view is immediate
+    gate.open.set()
+    w.flush()
+    assert 1 <= gate.events <= 2, gate.events  # 100 changes, at most one PUT in flight + one for the rest
+    r = JobStatus(store, "wb").read()
+    assert len(r) == 50 and {x["state"] for x in r} == {"succeeded"} and r == w.read()
+    w.compact()
+    assert store.list("jobs/wb/status-events") == [] and JobStatus(store, "wb").read() == w.read()
+
+
+def test_write_behind_failure_reaches_the_next_caller_and_nothing_is_lost(store):
+    gate = _Gate(store)
+    w = JobStatus(gate, "wf", compact_every=1000, write_behind=True)
+    gate.fail = True
+    w.update("a", state="running")
+    with pytest.raises(OSError, match="status of job wf: writing a status event failed .*unreachable"):
+        w.flush()
+    gate.fail = False
+    w.update("b", state="failed", error="bad data")  # starts the writer again: a's change is still pending
+    w.compact()
+    got = {x["subject_id"]: x["state"] for x in JobStatus(store, "wf").read()}
+    assert got == {"a": "running", "b": "failed"}
+
+
+def test_write_behind_with_concurrent_writers_and_compactions_stays_consistent(store):
+    from concurrent.futures import ThreadPoolExecutor
+    w = JobStatus(store, "wc", compact_every=3, write_behind=True)
+
+    def subject(i: int) -> None:
+        for state in ("running", "succeeded"):
+            w.update(f"s{i:02d}", state=state, attempts=1)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(subject, range(24)))
+    w.compact()
+    assert JobStatus(store, "wc").read() == w.read()
+    assert w.counts()["succeeded"] == 24 and store.list("jobs/wc/status-events") == []
