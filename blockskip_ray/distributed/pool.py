@@ -7,8 +7,9 @@ for the next). Everything the per-subject path gives stays:
 - artifacts: the worker writes plan, metrics, samples and the adapter (last) to the store, as training.py does;
 - status: workers only report to the queue; the driver (single writer of the status table) drains it;
 - checkpoints: every `checkpoint_every` steps, `subjects/{id}/checkpoints/pool-{job_id}/` (PackedTrainer's files, the
-  SkipTrainer format, + losses.json); a subject resumes from it exactly (its features, plan and LoRA init are
-  pure functions of the subject and the config);
+  SkipTrainer format, + losses.json + a sha256 manifest); a subject resumes from it exactly (its features, plan
+  and LoRA init are pure functions of the subject and the config); a damaged one is never resumed from: the
+  subject restarts from step 0 (same adapter) and its metrics.json says why (`checkpoint_rejected`);
 - failure isolation: bad data or a non-finite loss fails that subject with its reason; the worker goes on;
 - a killed worker: Ray Train restarts the worker group (`max_failures`); every worker first hands its
   leased subjects back to the queue, and they resume from their checkpoints; a rerun of the job trains only
@@ -32,7 +33,10 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from ..store import Store
+from .checkpoints import MANIFEST, verify, write_manifest
 from .jobspec import JobSpec
+
+_CKPT_FILES = ("state.safetensors", "meta.json", "losses.json")  # a pool checkpoint, beside its manifest
 
 
 
@@ -118,12 +122,13 @@ def pool_loop(cfg: dict[str, Any]) -> None:
         while (item := ray.get(queue.take.remote(rank))) is not None:
             sid = item["id"]
             try:
-                spec, plan, text, feats, ckpt, losses = _open_subject(cfg, base, store, item, work / sid)
+                spec, plan, text, feats, ckpt, losses, rejected = _open_subject(cfg, base, store, item, work / sid)
             except Exception as e:
                 ray.get(queue.finish.remote(sid, "failed", ["precompute", f"{type(e).__name__}: {e}"[:500]]))
                 continue
             state[sid] = {"spec": spec, "plan": plan, "losses": losses, "resumed": None if ckpt is None else len(losses),
-                          "item": item, "t0": time.perf_counter(), "step_s": 0.0, "fault": fault.get(sid) if ckpt is None else None}
+                          "item": item, "t0": time.perf_counter(), "step_s": 0.0, "fault": fault.get(sid) if ckpt is None else None,
+                          "checkpoint_rejected": rejected}
             yield PackedSubject(sid, spec.seed, text, feats, ckpt)
 
     def on_step(sid: str, step: int, loss: float, tr: PackedTrainer) -> None:
@@ -164,10 +169,10 @@ def _open_subject(cfg, base, store: Store, item: dict, work: Path):
     spec = replace(base, subject_id=sid, prompt=item["prompt"], out=str(work / "out"))
     spec.images = _materialize_images(item["images"], work / "images")
     _, images, plan, skip = prepare(spec, log=lambda m: None)
-    ckpt, losses = _load_checkpoint(store, sid, cfg["job_id"], work / "ckpt")
+    ckpt, losses, rejected = _load_checkpoint(store, sid, cfg["job_id"], work / "ckpt")
     start = len(losses)
     text, feats = _features(spec, store, images, plan, skip, _device_of(spec), start)
-    return spec, plan, text, feats, ckpt, losses
+    return spec, plan, text, feats, ckpt, losses, rejected
 
 
 def _device_of(spec):
@@ -182,8 +187,9 @@ def _save_checkpoint(store: Store, tr, sid: str, job_id: str, losses: list[float
     d = work / f"ckpt-out-{step}"
     tr.save_checkpoint(sid, d)
     (d / "losses.json").write_text(json.dumps(losses))
+    write_manifest(d, step)  # sha256 of every file, verified at resume (as the per-subject path does)
     prefix = f"{ckpt_prefix(sid, job_id)}/step-{step:06d}"
-    for name in ("state.safetensors", "meta.json", "losses.json"):
+    for name in (*_CKPT_FILES, MANIFEST):
         store.write_bytes(f"{prefix}/{name}", (d / name).read_bytes())
     store.write_json(f"{ckpt_prefix(sid, job_id)}/latest.json", {"step": step, "prefix": prefix})
     for old in {k.rsplit("/", 2)[-2] for k in store.list(f"{ckpt_prefix(sid, job_id)}") if "/step-" in k}:
@@ -192,16 +198,33 @@ def _save_checkpoint(store: Store, tr, sid: str, job_id: str, losses: list[float
     shutil.rmtree(d, ignore_errors=True)
 
 
-def _load_checkpoint(store: Store, sid: str, job_id: str, dest: Path) -> tuple[Path | None, list[float]]:
+def _load_checkpoint(store: Store, sid: str, job_id: str, dest: Path
+                     ) -> tuple[Path | None, list[float], str | None]:
+    """(checkpoint dir, losses so far, None), or (None, [], why) when there is none or it is damaged: a
+    damaged checkpoint (sha256 mismatch, a file missing) is never resumed from; the subject restarts from
+    step 0, which gives the same adapter (training is deterministic), and its metrics say why."""
     try:
         latest = store.read_json(f"{ckpt_prefix(sid, job_id)}/latest.json")
+        prefix, step = str(latest["prefix"]), int(latest["step"])
     except FileNotFoundError:
-        return None, []
+        return None, [], None
+    except (ValueError, KeyError, TypeError) as e:
+        return None, [], f"checkpoint pointer {ckpt_prefix(sid, job_id)}/latest.json is unreadable ({e}); restarted from step 0"
+    shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("state.safetensors", "meta.json", "losses.json"):
-        (dest / name).write_bytes(store.read_bytes(f"{latest['prefix']}/{name}"))
-    losses = json.loads((dest / "losses.json").read_text())[: int(latest["step"])]
-    return dest, losses
+    try:
+        for name in (*_CKPT_FILES, MANIFEST):
+            (dest / name).write_bytes(store.read_bytes(f"{prefix}/{name}"))
+        saved, why = verify(dest)
+        if why is None and saved != step:
+            why = f"manifest step {saved} != latest.json step {step}"
+    except FileNotFoundError as e:
+        why = f"missing file ({e})"
+    if why is not None:
+        shutil.rmtree(dest, ignore_errors=True)
+        return None, [], f"checkpoint {prefix} is damaged ({why}); restarted from step 0"
+    losses = json.loads((dest / "losses.json").read_text())[:step]
+    return dest, losses, None
 
 
 def _finish_subject(cfg, store: Store, tr, sid: str, st: dict, work: Path, device) -> dict:
@@ -213,7 +236,8 @@ def _finish_subject(cfg, store: Store, tr, sid: str, st: dict, work: Path, devic
     metrics = {"subject_id": sid, "loss": losses, "steps": spec.steps, "skip": list(spec.skip),
                "resumed_from_step": st["resumed"], "mode": spec.mode, "resolution": spec.resolution,
                "rank": spec.optim.rank, "device": str(device), "job_id": cfg["job_id"], "pool": True,
-               "pack": tr.K, "wall_s": time.perf_counter() - st["t0"], "train_step_s": st["step_s"]}
+               "pack": tr.K, "wall_s": time.perf_counter() - st["t0"], "train_step_s": st["step_s"],
+               **({"checkpoint_rejected": st["checkpoint_rejected"]} if st["checkpoint_rejected"] else {})}
     out = write_outputs(spec, cfg["family"], tr.lora_state(sid), metrics, st["plan"])
     eval_prompts = st["item"].get("eval_prompts") or []
     samples = _eval_images(spec, device, eval_prompts) if cfg["eval"] and eval_prompts else []

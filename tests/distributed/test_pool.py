@@ -111,6 +111,37 @@ def test_checkpoints_keep_only_the_latest(tmp_path, tiny):
     tr.slots[0].steps = 4
     _save_checkpoint(store, tr, "s", "j", [1.0, 0.9, 0.8, 0.7], tmp_path / "w")
     assert sorted({k.split("/")[4] for k in store.list("subjects/s/checkpoints/pool-j") if "/step-" in k}) == ["step-000004"]
-    d, losses = _load_checkpoint(store, "s", "j", tmp_path / "back")
-    assert losses == [1.0, 0.9, 0.8, 0.7] and (d / "state.safetensors").is_file()
-    assert _load_checkpoint(store, "other", "j", tmp_path / "none") == (None, [])
+    d, losses, why = _load_checkpoint(store, "s", "j", tmp_path / "back")
+    assert losses == [1.0, 0.9, 0.8, 0.7] and (d / "state.safetensors").is_file() and why is None
+    assert _load_checkpoint(store, "other", "j", tmp_path / "none") == (None, [], None)
+
+
+class _FakeTrainer:
+    """What _save_checkpoint needs of a PackedTrainer: the step and a checkpoint writer."""
+
+    def steps(self, sid):
+        return 4
+
+    def save_checkpoint(self, sid, d):
+        from safetensors.torch import save_file
+        d.mkdir(parents=True, exist_ok=True)
+        save_file({"lora/x.lora_A.weight": torch.ones(2, 2)}, str(d / "state.safetensors"))
+        (d / "meta.json").write_text('{"step": 4}')
+
+
+def test_damaged_pool_checkpoint_is_never_resumed_from(tmp_path):
+    """Issue 14 item 6 on the pool path: a checkpoint whose tensor was overwritten (a valid file, wrong
+    values) or that lost a file is rejected by its sha256 manifest; the subject restarts from step 0."""
+    from safetensors.torch import save_file
+
+    from blockskip_ray.distributed.pool import _load_checkpoint, _save_checkpoint, ckpt_prefix
+    store = Store.open(str(tmp_path / "store"))
+    _save_checkpoint(store, _FakeTrainer(), "s1", "j", [0.5, 0.4, 0.3, 0.2], tmp_path / "w")
+    ckpt, losses, why = _load_checkpoint(store, "s1", "j", tmp_path / "d1")
+    assert ckpt is not None and losses == [0.5, 0.4, 0.3, 0.2] and why is None
+    step_dir = tmp_path / "store" / ckpt_prefix("s1", "j") / "step-000004"
+    save_file({"lora/x.lora_A.weight": torch.full((2, 2), 2.0)}, str(step_dir / "state.safetensors"))
+    ckpt, losses, why = _load_checkpoint(store, "s1", "j", tmp_path / "d2")
+    assert (ckpt, losses) == (None, []) and "sha256 mismatch in state.safetensors" in why and "step 0" in why
+    (step_dir / "losses.json").unlink()
+    assert "missing file" in _load_checkpoint(store, "s1", "j", tmp_path / "d3")[2]
