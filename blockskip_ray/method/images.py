@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 # Modes with an unambiguous RGB conversion. 16-bit / float / CMYK images are refused rather than guessed at.
@@ -57,6 +57,9 @@ def load_image(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image
             im.load()
             if im.mode not in SUPPORTED_MODES:
                 raise ValueError(f"image {path} has unsupported mode {im.mode!r}: expected one of {SUPPORTED_MODES}")
+            # The EXIF orientation a camera or phone records: the subject as it is seen, not lying on its side
+            # (diffusers' DreamBooth scripts apply exif_transpose too). Plans use the size of this image.
+            im = ImageOps.exif_transpose(im)
             # RGBA/LA: composite on white so a transparent background does not turn black.
             if im.mode in ("RGBA", "LA", "P"):
                 im = im.convert("RGBA")
