@@ -135,6 +135,45 @@ class Cancelled(Exception):
     """The request was abandoned (its client disconnected) before or between denoising steps."""
 
 
+class AdapterUnusable(ValueError):
+    """The adapter in the store cannot be applied to this pipeline (damaged file, or made for another model)."""
+
+
+def check_adapter(transformer, weights: str | Path) -> None:
+    """Refuse an adapter whose LoRA tensors do not fit the transformer's layers, before the pipeline sees it.
+
+    diffusers' load_lora_weights *widens* a base layer whose LoRA input is wider than the layer (a feature for
+    FLUX Control LoRAs); a damaged or foreign adapter in the store would thus change the shared pipeline for
+    every later request (measured: each request after it failed with a shape error). Checked from the header
+    only: every `transformer.<module>.lora_A/B.weight` must name an existing Linear/Conv layer with
+    lora_A = (r, in, ...), lora_B = (out, r, ...)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same answer
+        raise AdapterUnusable(f"unreadable adapter weights ({type(e).__name__})") from None
+    modules = dict(transformer.named_modules())
+    ranks: dict[str, int] = {}
+    for key, shape in shapes.items():
+        for part in ("lora_A", "lora_B"):
+            suffix = f".{part}.weight"
+            if not (key.startswith("transformer.") and key.endswith(suffix)):
+                continue
+            name = key[len("transformer."):-len(suffix)]
+            layer = modules.get(name)
+            fan_in = getattr(layer, "in_features", getattr(layer, "in_channels", None))
+            fan_out = getattr(layer, "out_features", getattr(layer, "out_channels", None))
+            if fan_in is None or fan_out is None:
+                raise AdapterUnusable(f"adapter tensor {key}: no such layer in this model")
+            dim, rank = (shape[1], shape[0]) if part == "lora_A" else (shape[0], shape[1])
+            want = fan_in if part == "lora_A" else fan_out
+            if len(shape) < 2 or dim != want or ranks.setdefault(name, rank) != rank:
+                raise AdapterUnusable(f"adapter tensor {key} has shape {list(shape)}: does not fit layer "
+                                      f"{name} ({fan_in} -> {fan_out})")
+
+
 def generate_image(pipe, job: Job, cancel: threading.Event | None = None, progress: list[int] | None = None):
     """One image from a pipeline whose active adapter set is already chosen. Seeded on CPU for reproducibility.
 
@@ -209,10 +248,16 @@ class AdapterHost:
         tmp = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix="fetch-"))
         try:
             local = fetch_adapter(self.store, adapter_id, tmp)
+            check_adapter(self.pipe.transformer, Path(local) / ADAPTER_FILE)
             with self.lock:
                 if adapter_id in self.pipeline_adapters():
                     self.pipe.delete_adapters(adapter_id)  # a transient copy, or a reload: replace it
-                self.pipe.load_lora_weights(str(local), adapter_name=adapter_id)
+                try:
+                    self.pipe.load_lora_weights(str(local), adapter_name=adapter_id)
+                except Exception as e:  # noqa: BLE001 - leave no half-loaded adapter behind
+                    if adapter_id in self.pipeline_adapters():
+                        self.pipe.delete_adapters(adapter_id)
+                    raise AdapterUnusable(f"adapter weights rejected by the pipeline ({type(e).__name__})") from e
                 self.loaded.add(adapter_id)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

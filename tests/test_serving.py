@@ -157,3 +157,34 @@ def test_cancellation_between_and_before_steps(tiny_store, tmp_path):
     host.lock.release()
     full: list[int] = []
     assert host.generate_png(job, threading.Event(), full) == ref and full == list(range(8))
+
+
+def test_a_damaged_or_foreign_adapter_leaves_the_pipeline_untouched(tiny_store, tmp_path):
+    """diffusers widens a base layer for a LoRA input wider than the layer: before the check, one bad adapter in
+    the store made every later request of the replica fail with a shape error."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from blockskip_ray.serving import AdapterUnusable
+    from blockskip_ray.store import ADAPTER_FILE
+    model, store_dir = tiny_store
+    root = tmp_path / "store"
+    shutil.copytree(store_dir, root)
+    key = next(k for k in load_file(str(root / "subjects/toy-a/adapter" / ADAPTER_FILE)) if k.endswith("lora_A.weight"))
+    for sid, change in (("wide", lambda t: torch.zeros(t.shape[0], t.shape[1] + 3)),
+                        ("rank", lambda t: torch.zeros(t.shape[0] // 2, t.shape[1]))):
+        shutil.copytree(root / "subjects/toy-a", root / "subjects" / sid)
+        sd = load_file(str(root / "subjects" / sid / "adapter" / ADAPTER_FILE))
+        sd[key] = change(sd[key])
+        save_file(sd, str(root / "subjects" / sid / "adapter" / ADAPTER_FILE))
+    shutil.copytree(root / "subjects/toy-a", root / "subjects/cut")
+    f = root / "subjects/cut/adapter" / ADAPTER_FILE
+    f.write_bytes(f.read_bytes()[:300])
+    host = AdapterHost(load_pipeline(model), Store.open(str(root)), tmp_path / "cache")
+    host.load("toy-b")
+    ref = host.generate_png(_job("toy-b"))
+    for bad, why in (("wide", "does not fit layer"), ("rank", "does not fit layer"), ("cut", "unreadable")):
+        with pytest.raises(AdapterUnusable, match=why):
+            host.load(bad)
+        assert host.pipeline_adapters() == ["toy-b"] and host.generate_png(_job("toy-b")) == ref

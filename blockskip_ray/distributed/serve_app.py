@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..http_guard import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, GuardConfig, HttpGuard
 from ..models.fetch import check_model
 from ..models.loading import load_pipeline
-from ..serving import (AdapterHost, Cancelled, ImageRequest, Job, ServeLimits, check_bearer, pick_device_dtype,
+from ..serving import (AdapterHost, AdapterUnusable, Cancelled, ImageRequest, Job, ServeLimits, check_bearer, pick_device_dtype,
                        resolve, token_digest)
 from ..store import ADAPTER_FILE, Store, adapter_prefix, list_adapters
 
@@ -54,6 +54,9 @@ class _Lease:
         if not self.released:
             self.released = True
             self.host.unload(self.adapter_id)
+
+
+UNUSABLE = "the adapter could not be loaded: damaged in the store, or trained for another model"
 
 
 @serve.deployment(name="Generator")
@@ -94,6 +97,8 @@ class Generator:
             await self._adapter(j.adapter)
         except KeyError:  # removed from the store after the ingress checked
             return {"status": 404, "reason": "unknown adapter"}
+        except AdapterUnusable:  # damaged in the store or made for another model; the pipeline is untouched
+            return {"status": 500, "reason": UNUSABLE}
         cancel = threading.Event()
         try:
             # The pipeline runs in a thread, which a cancelled await does not stop: the event does, before
@@ -102,6 +107,8 @@ class Generator:
         except asyncio.CancelledError:
             cancel.set()
             raise
+        except AdapterUnusable:  # an evicted adapter reloaded for this request only
+            return {"status": 500, "reason": UNUSABLE}
         return {"png": png, "cache": "hit" if hit else "miss"}
 
     def stats(self) -> dict[str, Any]:

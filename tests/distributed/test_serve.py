@@ -7,6 +7,7 @@ import json
 import random
 import socket
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -305,3 +306,26 @@ def test_queues_are_bounded_with_retry_after(server):
     gen = ingress.init_args[0]._bound_deployment
     assert gen.max_queued_requests == 5 and gen.backpressure_config.retry_after_s == 3
     assert 0 < ingress.max_queued_requests < 10_000 and ingress.backpressure_config.retry_after_s == 3
+
+
+def test_a_damaged_adapter_in_the_store_answers_500_and_the_replica_stays_healthy(server):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from blockskip_ray.distributed.serve_app import UNUSABLE
+    from blockskip_ray.store import ADAPTER_FILE
+    client, _, store = server
+    before = png(client, "toy-b", seed=11)
+    bad = Path(store) / "subjects" / "bad-wide"
+    shutil.copytree(Path(store) / "subjects" / "toy-a", bad)
+    try:
+        sd = load_file(str(bad / "adapter" / ADAPTER_FILE))
+        key = next(k for k in sd if k.endswith("lora_A.weight"))
+        sd[key] = torch.zeros(sd[key].shape[0], sd[key].shape[1] + 3)  # diffusers would widen the base layer
+        save_file(sd, str(bad / "adapter" / ADAPTER_FILE))
+        r = image(client, "bad-wide")
+        assert r.status_code == 500 and r.json() == {"error": "internal", "reason": UNUSABLE}, r.text
+        assert png(client, "toy-b", seed=11) == before  # every replica's pipeline is untouched
+    finally:
+        shutil.rmtree(bad)
