@@ -300,7 +300,6 @@ def run_job(job: JobSpec, log: Log = _stderr, lease_ttl_s: float = DEFAULT_TTL_S
         write_driver_record(store, job.job_id, "running", started_at=started)
         with _exit_signals():
             _run_stages(job, store, status, result, model_dir, explicit, progress, lease, log)
-            status.flush()  # no-op after the stages' compaction; covers every return path
         state = "finished"
     except BaseException as e:
         state, reason = exit_reason(e, lease.lost)

@@ -214,7 +214,7 @@ class JobStatus:
                 self._pending.update(changed)
                 self._start_flusher()
             else:
-                self._write_event(changed)
+                self._record(self._put_event(changed))
             for sid, row in changed.items():
                 if sid in self._rows:
                     self._counts[self._rows[sid]["state"]] -= 1
@@ -224,9 +224,13 @@ class JobStatus:
                 self._compact()
             return self._rows
 
-    def _write_event(self, changed: dict[str, dict[str, Any]]) -> None:
+    def _put_event(self, changed: dict[str, dict[str, Any]]) -> str:
+        """PUT the next event (I/O only: the writer's sequence moves in `_record`, once it is stored)."""
         key = f"{self.events}/{self._seq + 1:012d}.json"
         self.store.write_bytes(key, json.dumps({"rows": jsonable(list(changed.values()))}).encode())
+        return key
+
+    def _record(self, key: str) -> None:
         self._seq += 1
         self._unfolded.append(key)
 
@@ -249,8 +253,7 @@ class JobStatus:
                 batch, self._pending, self._writing = self._pending, {}, True
                 self._lock.release()  # callers go on changing rows (into _pending) while this PUT runs
                 try:
-                    key = f"{self.events}/{self._seq + 1:012d}.json"  # only this thread moves _seq now
-                    self.store.write_bytes(key, json.dumps({"rows": jsonable(list(batch.values()))}).encode())
+                    key = self._put_event(batch)  # only this thread moves _seq in write-behind mode
                     failed = None
                 except BaseException as e:  # noqa: BLE001 - handed to the next caller
                     failed = e
@@ -262,8 +265,7 @@ class JobStatus:
                     self._pending = {**batch, **self._pending}  # newer changes win
                     self._error = failed
                     break
-                self._seq += 1
-                self._unfolded.append(key)
+                self._record(key)
                 if len(self._unfolded) >= self.compact_every:
                     try:
                         self._compact()
